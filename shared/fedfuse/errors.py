@@ -1,0 +1,21 @@
+"""Exceptions with messages that tell the user what was wrong and how to fix it."""
+
+
+class FedfuseError(ValueError):
+    """Base class: bad input that fedfuse refuses rather than silently mishandles."""
+
+
+class ArchitectureError(FedfuseError):
+    """Weights that do not match the architecture they claim, or a malformed architecture."""
+
+
+class ZooError(FedfuseError):
+    """A model zoo that cannot be fitted: mismatched models, non-finite weights, bad metadata."""
+
+
+class DescriptorError(FedfuseError):
+    """A task descriptor of the wrong length or with non-finite entries."""
+
+
+class NotFittedError(FedfuseError, AttributeError):
+    """A meta-model used before ``fit`` (same contract as scikit-learn's)."""

@@ -1,0 +1,57 @@
+"""Weights on disk: safetensors plus a JSON header, written atomically. Never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedfuse.errors import FedfuseError
+
+_META_KEY = "fedfuse"
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` and JSON-able ``meta`` to ``path``: temp file in the same folder, fsync,
+    rename; a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            tmp,
+            metadata={_META_KEY: json.dumps(meta)},
+        )
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_tensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedfuseError(f"no such file: {path}")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise FedfuseError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if _META_KEY not in header:
+        raise FedfuseError(f"{path} was not written by fedfuse (no '{_META_KEY}' header)")
+    return tensors, json.loads(header[_META_KEY])

@@ -1,0 +1,257 @@
+"""Sparse localized GP prior (PIC) over task descriptors, one GP per code dimension.
+
+For code dimension ``kappa`` the codes of the ``n`` training tasks have the prior
+``N(0, Q + blockdiag(K_oo - Q_oo) + s^2 I)`` with ``Q = K_n+ K_++^-1 K_+n`` (Eq. 2, 10): tasks in
+the same k-means block keep their exact covariance, tasks in different blocks are coupled only
+through ``m`` learned representative tasks ``tau+``. ``s^2`` is a small learned nugget that keeps
+the covariance positive definite. Blocks are padded to one size (identity on the padding), so
+the whole prior is one batched Cholesky: ``O(n m^2 + sum_o n_o^3)`` by Woodbury.
+
+The math runs in float64; kernels are gpytorch's (ARD RBF with a learned output scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gpytorch
+import numpy as np
+import torch
+from scipy.cluster.vq import kmeans2
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def kmeans(x: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """k-means (scipy, k-means++ init); returns non-empty ``centres`` and each row's label."""
+    k = max(1, min(k, x.shape[0]))
+    if k == 1:
+        return x.mean(0, keepdim=True), torch.zeros(x.shape[0], dtype=torch.long)
+    centres, labels = kmeans2(x.double().numpy(), k, minit="++", seed=seed)
+    used = np.unique(labels)
+    remap = np.full(k, -1)
+    remap[used] = np.arange(used.size)
+    return torch.from_numpy(centres[used]).to(x.dtype), torch.from_numpy(remap[labels]).long()
+
+
+@dataclass
+class _Blocks:
+    index: Tensor  # (p, B) task index per block slot, 0 on padding
+    mask: Tensor  # (p, B) True where a slot holds a task
+
+
+def _pad_blocks(labels: Tensor, p: int) -> _Blocks:
+    members = [torch.nonzero(labels == o).flatten() for o in range(p)]
+    width = max(len(m) for m in members)
+    index = torch.zeros(p, width, dtype=torch.long)
+    mask = torch.zeros(p, width, dtype=torch.bool)
+    for o, m in enumerate(members):
+        index[o, : len(m)] = m
+        mask[o, : len(m)] = True
+    return _Blocks(index, mask)
+
+
+class SparseLocalizedGP(nn.Module):
+    """PIC prior and predictive for ``e`` code dimensions over descriptors ``tau`` ``(n, D)``.
+
+    ``exact=True`` uses the full GP (one block, every task its own representative, nothing
+    learned in ``tau+``): the reference the PIC form must reproduce with ``p = 1``.
+    """
+
+    def __init__(
+        self,
+        tau: Tensor,
+        num_outputs: int,
+        num_inducing: int = 32,
+        block_size: int = 40,
+        num_blocks: int | None = None,
+        exact: bool = False,
+        seed: int = 0,
+        min_noise: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        tau = tau.double()
+        n = tau.shape[0]
+        if exact:
+            inducing = tau.clone()
+            centres, labels = tau.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long)
+        else:
+            centres, labels = kmeans(tau, num_blocks or max(1, round(n / block_size)), seed)
+            inducing = kmeans(tau, num_inducing, seed + 1)[0] if num_inducing < n else tau
+        self._setup(tau, centres, labels, inducing.expand(num_outputs, -1, -1), exact, min_noise)
+        with torch.no_grad():
+            self.kernel.base_kernel.lengthscale = torch.ones(num_outputs, 1, tau.shape[1])
+            self.kernel.outputscale = torch.ones(num_outputs)
+
+    def _setup(self, tau: Tensor, centres: Tensor, labels: Tensor, inducing: Tensor,
+               exact: bool, min_noise: float) -> None:
+        num_outputs = inducing.shape[0]
+        self.num_outputs, self.exact, self.min_noise = num_outputs, exact, min_noise
+        batch = torch.Size([num_outputs])
+        self.kernel = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.RBFKernel(ard_num_dims=tau.shape[1], batch_shape=batch),
+            batch_shape=batch,
+        ).double()
+        self.raw_noise = nn.Parameter(torch.full((num_outputs,), -4.0, dtype=torch.float64))
+        self.register_buffer("tau", tau.double())
+        self.register_buffer("centres", centres.double())
+        self.register_buffer("labels", labels.long())
+        blocks = _pad_blocks(labels, centres.shape[0])
+        self.register_buffer("block_index", blocks.index)
+        self.register_buffer("block_mask", blocks.mask)
+        inducing = inducing.double().clone()
+        if exact:
+            self.register_buffer("inducing", inducing)
+        else:
+            self.inducing = nn.Parameter(inducing)
+        self._cache: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], exact: bool, min_noise: float = 1e-4) -> "SparseLocalizedGP":
+        """Rebuild a saved prior exactly (no k-means rerun) from its ``state_dict``."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(state["tau"], state["centres"], state["labels"], state["inducing"], exact, min_noise)
+        self.load_state_dict(state)
+        return self
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    @property
+    def noise(self) -> Tensor:
+        return nn.functional.softplus(self.raw_noise) + self.min_noise
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_index.shape[0]
+
+    def _k(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return self.kernel.forward(x1, x2)
+
+    def _factor(self) -> dict[str, Tensor]:
+        """Everything the density and the predictive share, per code dimension."""
+        e, eye_m = self.num_outputs, None
+        xp = self.inducing  # (e, m, D)
+        m = xp.shape[1]
+        eye_m = torch.eye(m, dtype=torch.float64)
+        kpp = self._k(xp, xp) + 1e-6 * self.kernel.outputscale[:, None, None] * eye_m
+        lpp = torch.linalg.cholesky(kpp)
+        knp = self._k(self.tau.expand(e, -1, -1), xp)  # (e, n, m)
+        v = torch.linalg.solve_triangular(lpp, knp.transpose(-1, -2), upper=False)  # (e, m, n)
+        idx, mask = self.block_index, self.block_mask
+        p, width = idx.shape
+        xb = self.tau[idx]  # (p, B, D)
+        xb = xb[:, None].expand(-1, e, -1, -1)  # kernel batch dims sit last: (p, e, B, D)
+        kbb = self._k(xb, xb).transpose(0, 1)  # (e, p, B, B)
+        vb = v[:, :, idx] * mask  # (e, m, p, B)
+        vb = vb.permute(0, 2, 3, 1)  # (e, p, B, m)
+        qbb = vb @ vb.transpose(-1, -2)
+        pair = mask[:, :, None] & mask[:, None, :]
+        eye_b = torch.eye(width, dtype=torch.float64)
+        d = torch.where(pair, kbb - qbb, torch.zeros(())) + eye_b * torch.where(
+            mask, self.noise[:, None, None], torch.ones(())
+        )[..., None]
+        ld = torch.linalg.cholesky(d)
+        a = torch.cholesky_solve(vb, ld)  # D^-1 U, (e, p, B, m)
+        c = eye_m + torch.einsum("epbm,epbk->emk", vb, a)
+        lc = torch.linalg.cholesky(c)
+        return {"lpp": lpp, "v": v, "vb": vb, "ld": ld, "a": a, "lc": lc}
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """``(n, e)`` per-task values into the padded block layout ``(e, p, B)``."""
+        return (x.double().T[:, self.block_index]) * self.block_mask
+
+    # -- prior density -----------------------------------------------------------------------------
+    def expected_log_prob(self, mean: Tensor, var: Tensor | None = None) -> Tensor:
+        """``sum_kappa E_q log N(w^kappa | 0, Sigma^kappa)`` for ``q(w_i) = N(mean_i, diag var_i)``.
+
+        ``mean``/``var``: ``(n, e)``. With ``var=None`` it is the plain log-density at ``mean``.
+        """
+        f = self._factor()
+        n = self.tau.shape[0]
+        mu = self._pad(mean)[..., None]  # (e, p, B, 1)
+        dmu = torch.cholesky_solve(mu, f["ld"])
+        quad = (mu * dmu).sum((1, 2, 3))
+        t = torch.einsum("epbm,epbo->em", f["vb"], dmu)  # U^T D^-1 mu
+        ct = torch.cholesky_solve(t[..., None], f["lc"])[..., 0]
+        quad = quad - (t * ct).sum(-1)
+        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
+        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
+        total = -0.5 * (n * LOG_2PI + logdet + quad)
+        if var is not None:
+            dinv = torch.diagonal(torch.cholesky_inverse(f["ld"]), dim1=-2, dim2=-1)
+            a = f["a"]
+            ac = torch.cholesky_solve(a.reshape(a.shape[0], -1, a.shape[-1]).transpose(-1, -2),
+                                      f["lc"]).transpose(-1, -2).reshape(a.shape)
+            diag = dinv - (ac * a).sum(-1)  # diag of Sigma^-1, (e, p, B)
+            total = total - 0.5 * (diag * self._pad(var)).sum((1, 2))
+        return total.sum()
+
+    # -- predictive -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, mean: Tensor) -> None:
+        """Cache what the predictive needs given the training codes' posterior means ``(n, e)``.
+        Costs one factorization; each later prediction is ``O(m^2 + B m + B^2)``."""
+        f = self._factor()
+        e, p, width, m = f["a"].shape
+        mu = self._pad(mean)[..., None]
+        dmu = torch.cholesky_solve(mu, f["ld"])
+        t = torch.einsum("epbm,epbo->em", f["vb"], dmu)
+        ct = torch.cholesky_solve(t[..., None], f["lc"])[..., 0]
+        alpha = (dmu[..., 0] - torch.einsum("epbm,em->epb", f["a"], ct)) * self.block_mask
+        cinv = torch.cholesky_inverse(f["lc"])
+        a_flat = f["a"].reshape(e, p * width, m)
+        ac = (a_flat @ cinv).reshape(e, p, width, m)  # Sigma^-1 U restricted to each block
+        dinv = torch.cholesky_inverse(f["ld"])
+        s_rr = dinv - ac @ f["a"].transpose(-1, -2)  # Sigma^-1 diagonal blocks
+        self._cache = {
+            "lpp": f["lpp"],
+            "alpha": alpha,  # Sigma^-1 mu, padded
+            "v_alpha": torch.einsum("epbm,epb->em", f["vb"], alpha),  # V Sigma^-1 mu
+            "m_mat": torch.eye(m, dtype=torch.float64) - cinv,  # V Sigma^-1 V^T
+            "p_blocks": ac,  # (V Sigma^-1)^T per block
+            "s_rr": s_rr,
+            "vb": f["vb"],
+        }
+
+    @property
+    def is_conditioned(self) -> bool:
+        return self._cache is not None
+
+    @torch.no_grad()
+    def nearest_block(self, tau_star: Tensor) -> Tensor:
+        return torch.cdist(tau_star.double(), self.centres).argmin(1)
+
+    @torch.no_grad()
+    def predict(self, tau_star: Tensor) -> tuple[Tensor, Tensor]:
+        """PIC predictive mean and variance ``(q, e)`` of the code of each new task ``(q, D)``:
+        the representative tasks plus the block of the nearest k-means centre (Eq. 3-5)."""
+        if self._cache is None:
+            raise RuntimeError("call condition() before predict()")
+        c = self._cache
+        x = tau_star.double()
+        e = self.num_outputs
+        r = self.nearest_block(x)
+        idx, mask = self.block_index[r], self.block_mask[r]  # (q, B)
+        k_sp = self._k(x.expand(e, -1, -1), self.inducing)  # (e, q, m)
+        v_s = torch.linalg.solve_triangular(c["lpp"], k_sp.transpose(-1, -2), upper=False)
+        v_s = v_s.transpose(-1, -2)  # (e, q, m)
+        xr = self.tau[idx]  # (q, B, D)
+        k_sr = self._k(x[:, None, None, :].expand(-1, e, -1, -1), xr[:, None].expand(-1, e, -1, -1))
+        k_sr = k_sr[:, :, 0].transpose(0, 1)  # (e, q, B)
+        vb_r = c["vb"][:, r]  # (e, q, B, m)
+        delta = (k_sr - torch.einsum("eqm,eqbm->eqb", v_s, vb_r)) * mask
+        alpha_r = c["alpha"][:, r]
+        mean = (v_s * c["v_alpha"][:, None, :]).sum(-1) + (delta * alpha_r).sum(-1)
+        kss = self.kernel.outputscale[:, None].expand(-1, x.shape[0])
+        explained = (
+            torch.einsum("eqm,emk,eqk->eq", v_s, c["m_mat"], v_s)
+            + 2 * torch.einsum("eqm,eqbm,eqb->eq", v_s, c["p_blocks"][:, r], delta)
+            + torch.einsum("eqb,eqbc,eqc->eq", delta, c["s_rr"][:, r], delta)
+        )
+        var = (kss - explained).clamp_min(0) + self.noise[:, None]
+        return mean.T.float(), var.T.float()
+
+    def invalidate(self) -> None:
+        self._cache = None

@@ -1,0 +1,1 @@
+"""Experiment drivers, baselines, reports and plots for fedfuse; the ``fedfuse`` CLI."""

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from fedfuse.errors import DescriptorError, NotFittedError
+from fedfuse.layout import MLPSpec
+from fedfuse.meta_model import MetaModel
+from fedfuse.tasks import sine
+from fedfuse.zoo import ModelZoo
+
+FAST = dict(hidden=(64,), max_rounds=3, steps_per_round=60, code_dim=4, base_dim=4)
+PROBE = torch.linspace(-5, 5, 32)[:, None]
+
+
+@pytest.fixture(scope="module")
+def fitted(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    return MetaModel(**FAST).fit(zoo, probe=PROBE)
+
+
+def test_elbo_rises_during_fit(fitted):
+    elbos = [h["elbo"] for h in fitted.history_]
+    assert len(elbos) >= 2
+    assert elbos[-1] > elbos[0]
+    assert all(b > a for a, b in zip(elbos, elbos[1:]))
+
+
+def test_personalize_gives_a_posterior_with_torch_distribution_vocabulary(fitted):
+    post = fitted.personalize([[2.0, 1.0], [0.5, 0.3]])
+    assert post.mean.shape == (2, 301) and post.variance.shape == (2, 301)
+    assert (post.variance > 0).all()
+    draws = post.rsample((5,), generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (5, 2, 301)
+    assert post.code_variance.shape == (2, 4) and (post.code_variance > 0).all()
+    assert len(post.unflatten()[0]) == 4
+
+
+def test_far_descriptor_has_larger_code_variance(fitted):
+    near = fitted.personalize([2.5, 1.5]).code_variance
+    far = fitted.personalize([60.0, -40.0]).code_variance
+    assert (far > near).all()
+
+
+def test_save_load_round_trips_to_identical_initializers(fitted, tmp_path):
+    path = tmp_path / "mm.safetensors"
+    fitted.save(path)
+    assert path.stat().st_size < 4 * 2**20
+    back = MetaModel.load(path)
+    tau = torch.tensor([[1.0, 0.5], [4.0, 2.5]])
+    assert torch.equal(back.personalize(tau).mean, fitted.personalize(tau).mean)
+    assert torch.equal(back.personalize(tau).variance, fitted.personalize(tau).variance)
+    assert back.get_params() == fitted.get_params()
+
+
+def test_unfitted_and_bad_descriptors_are_refused(fitted):
+    with pytest.raises(NotFittedError, match="not fitted"):
+        MetaModel().personalize([1.0, 2.0])
+    with pytest.raises(DescriptorError, match="length 3; this model expects 2"):
+        fitted.personalize([1.0, 2.0, 3.0])
+    with pytest.raises(DescriptorError, match="non-finite"):
+        fitted.personalize([float("nan"), 2.0])
+
+
+def test_alignment_lowers_negative_elbo_on_permuted_copies():
+    spec = MLPSpec((1, 40, 1))
+    gen = torch.Generator().manual_seed(0)
+    tasks = sine.sample_tasks(4, seed=3)
+    bases = sine.pretrain(tasks, seed=4, points=100, steps=300, spec=spec)
+    weights, taus = [], []
+    for i in range(24):  # six scrambled, slightly perturbed copies of each of four nets
+        j = i % 4
+        perm = [torch.randperm(40, generator=gen)]
+        weights.append(spec.permute(bases[j], perm) + 1e-3 * torch.randn(spec.num_weights, generator=gen))
+        taus.append(tasks.tau[j] + 0.01 * torch.randn(2, generator=gen))
+    zoo = ModelZoo(spec, torch.stack(weights), torch.stack(taus), [str(i) for i in range(24)])
+    settings = dict(FAST, max_rounds=2)
+    aligned = MetaModel(align=True, **settings).fit(zoo)
+    plain = MetaModel(align=False, **settings).fit(zoo)
+    assert -aligned.history_[-1]["elbo"] < -plain.history_[-1]["elbo"]
+    # the aligned model reconstructs each copy's function; the unaligned one blurs them
+    x = torch.linspace(-5, 5, 50)[:, None]
+    truth = spec.forward(zoo.weights, x)
+    err = lambda m: ((spec.forward(m.reconstruct(), x) - truth) ** 2).mean()  # noqa: E731
+    assert err(aligned) < err(plain)
+
+
+def test_fit_is_reproducible_with_a_seed(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    settings = dict(FAST, max_rounds=1, steps_per_round=10)
+    a = MetaModel(**settings).fit(zoo).personalize([1.0, 1.0]).mean
+    b = MetaModel(**settings).fit(zoo).personalize([1.0, 1.0]).mean
+    assert torch.equal(a, b)

@@ -1,0 +1,98 @@
+import torch
+
+from fedfuse.pic import SparseLocalizedGP
+
+
+def _data(n=24, dim=2, e=3):
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(n, dim, generator=gen), torch.randn(n, e, generator=gen), \
+        0.1 * torch.rand(n, e, generator=gen)
+
+
+def _pic_with_all_tasks(tau, e):
+    pic = SparseLocalizedGP(tau, e, num_inducing=len(tau), num_blocks=1)
+    with torch.no_grad():
+        pic.inducing.copy_(tau.double().expand(e, -1, -1))
+    return pic
+
+
+def test_pic_with_one_block_and_all_tasks_equals_the_exact_gp():
+    tau, mu, var = _data()
+    e = mu.shape[1]
+    exact = SparseLocalizedGP(tau, e, exact=True)
+    pic = _pic_with_all_tasks(tau, e)
+    # reference computed densely with torch.distributions, independent of the Woodbury code
+    x = tau.double().expand(e, -1, -1)
+    cov = exact.kernel.forward(x, x) + exact.noise[:, None, None] * torch.eye(len(tau))
+    mvn = torch.distributions.MultivariateNormal(torch.zeros(e, len(tau), dtype=torch.float64), cov)
+    dense = mvn.log_prob(mu.T.double()).sum()
+    trace = (torch.diagonal(torch.linalg.inv(cov), dim1=-2, dim2=-1) * var.T.double()).sum()
+    for model in (exact, pic):
+        torch.testing.assert_close(model.expected_log_prob(mu).detach(), dense)
+        torch.testing.assert_close(model.expected_log_prob(mu, var).detach(), dense - 0.5 * trace)
+    q = torch.randn(7, 2)
+    exact.condition(mu)
+    pic.condition(mu)
+    ks = exact.kernel.forward(q.double().expand(e, -1, -1), x).detach()
+    kinv = torch.linalg.inv(cov).detach()
+    mean = (ks @ kinv @ mu.T.double()[..., None])[..., 0].T
+    var_ref = (exact.kernel.outputscale[:, None] - torch.einsum("eqn,enk,eqk->eq", ks, kinv, ks)
+               + exact.noise[:, None]).T.detach()
+    for model in (exact, pic):
+        m, v = model.predict(q)
+        torch.testing.assert_close(m, mean.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v, var_ref.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_pic_blocks_match_the_dense_pic_covariance_and_predictive():
+    tau, mu, var = _data(n=40)
+    e = mu.shape[1]
+    pic = SparseLocalizedGP(tau, e, num_inducing=6, num_blocks=4, seed=2)
+    assert pic.num_blocks == 4
+    with torch.no_grad():
+        pic.inducing.add_(0.1 * torch.randn_like(pic.inducing))  # distinct sets per dimension
+    x = tau.double()
+    xp = pic.inducing.detach()
+    k = lambda a, b: pic.kernel.forward(a, b).detach()  # noqa: E731
+    kpp = k(xp, xp) + 1e-6 * pic.kernel.outputscale.detach()[:, None, None] * torch.eye(6)
+    knp = k(x.expand(e, -1, -1), xp)
+    q_nn = knp @ torch.linalg.solve(kpp, knp.transpose(-1, -2))
+    same = pic.labels[:, None] == pic.labels[None, :]
+    k_nn = k(x.expand(e, -1, -1), x.expand(e, -1, -1))
+    cov = torch.where(same, k_nn, q_nn) + pic.noise.detach()[:, None, None] * torch.eye(40)
+    mvn = torch.distributions.MultivariateNormal(torch.zeros(e, 40, dtype=torch.float64), cov)
+    torch.testing.assert_close(pic.expected_log_prob(mu).detach(), mvn.log_prob(mu.T.double()).sum())
+    trace = (torch.diagonal(torch.linalg.inv(cov), dim1=-2, dim2=-1) * var.T.double()).sum()
+    torch.testing.assert_close(pic.expected_log_prob(mu, var).detach(),
+                               mvn.log_prob(mu.T.double()).sum() - 0.5 * trace)
+    # predictive: exact within the nearest block, through tau+ elsewhere
+    qx = torch.randn(5, 2)
+    pic.condition(mu)
+    r = pic.nearest_block(qx)
+    kq = k(qx.double().expand(e, -1, -1), xp)
+    q_sn = kq @ torch.linalg.solve(kpp, knp.transpose(-1, -2))
+    k_sn = k(qx.double().expand(e, -1, -1), x.expand(e, -1, -1))
+    in_block = r[:, None] == pic.labels[None, :]
+    kt = torch.where(in_block, k_sn, q_sn)
+    cinv = torch.linalg.inv(cov)
+    mean = (kt @ cinv @ mu.T.double()[..., None])[..., 0].T
+    v = (pic.kernel.outputscale.detach()[:, None] - torch.einsum("eqn,enk,eqk->eq", kt, cinv, kt)
+         + pic.noise.detach()[:, None]).T
+    m_pic, v_pic = pic.predict(qx)
+    torch.testing.assert_close(m_pic, mean.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v_pic, v.float(), rtol=1e-3, atol=1e-5)
+
+
+def test_prior_has_gradients_for_kernel_and_representative_tasks():
+    tau, mu, var = _data()
+    pic = SparseLocalizedGP(tau, 3, num_inducing=5, num_blocks=3)
+    pic.expected_log_prob(mu, var).backward()
+    assert pic.inducing.grad is not None and pic.inducing.grad.abs().sum() > 0
+    assert pic.kernel.base_kernel.raw_lengthscale.grad.abs().sum() > 0
+
+
+def test_saved_state_rebuilds_the_same_prior():
+    tau, mu, _ = _data()
+    pic = SparseLocalizedGP(tau, 3, num_inducing=5, num_blocks=3)
+    again = SparseLocalizedGP.from_state(pic.state_dict(), exact=False)
+    torch.testing.assert_close(again.expected_log_prob(mu), pic.expected_log_prob(mu))
