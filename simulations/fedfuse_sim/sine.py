@@ -37,8 +37,8 @@ class SineConfig:
     seed: int = 0
     pretrain_points: int = 200
     pretrain_steps: int = 1000
-    finetune_steps: int = 100
-    finetune_lr: float = 3e-3
+    finetune_steps: int = 500
+    finetune_lr: float = 1e-2
     probe_points: int = 64
     plot_tasks: int = 3
     meta: dict[str, Any] = field(default_factory=dict)
@@ -47,7 +47,7 @@ class SineConfig:
     def quick(cls, seed: int = 0) -> "SineConfig":
         """A reduced size for CI and smoke runs (same code path, minutes less)."""
         return cls(n_train=40, n_test=10, shots=(0, 10), seed=seed, pretrain_steps=300,
-                   finetune_steps=50, meta={"max_rounds": 3, "steps_per_round": 60,
+                   finetune_steps=100, meta={"max_rounds": 3, "steps_per_round": 60,
                                             "hidden": (64,)})
 
 
