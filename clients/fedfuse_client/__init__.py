@@ -1,0 +1,1 @@
+"""fedfuse's Flower ClientApp: train locally, upload once, fine-tune a personalized initializer."""

@@ -1,0 +1,1 @@
+"""fedfuse's Flower ServerApp: model-zoo store, Ray-parallel fit, personalization."""

@@ -1,0 +1,68 @@
+"""The app's run config (``[tool.flwr.app.config]``): one typed place for keys and defaults.
+
+Flower hands both apps ``context.run_config`` (kebab-case keys); tests that drive the apps
+without ``flwr run`` pass overrides instead. A test keeps pyproject's section equal to these
+defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from fedfuse.errors import FedfuseError
+
+PHASES = ("collect", "fit", "personalize")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    phase: str = "collect,fit,personalize"  # any comma-separated subset of PHASES, in order
+    store: str = "runs/store"  # the server's model store (relative paths resolve from cwd)
+    family: str = "sine"
+    num_clients: int = 20  # simulated devices that train and upload a model
+    num_new: int = 5  # simulated new devices that only get personalized
+    seed: int = 0
+    train_points: int = 200
+    train_steps: int = 1000
+    shots: int = 10
+    finetune_steps: int = 500
+    finetune_lr: float = 0.01
+    quorum: float = 0.8  # fraction of the contacted devices whose valid upload a round needs
+    wait_for_nodes: float = 120.0  # seconds to wait for the expected devices to connect
+    round_timeout: float = 600.0  # seconds to wait for replies in one exchange
+    fit_rounds: int = 10
+    fit_steps: int = 250
+    parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad or not self.phases:
+            raise FedfuseError(f"phase {self.phase!r}: use a comma-separated subset of {PHASES}")
+        if self.parallel not in ("auto", "ray", "serial"):
+            raise FedfuseError(f"parallel={self.parallel!r}: use 'auto', 'ray' or 'serial'")
+        if not 0.0 < self.quorum <= 1.0:
+            raise FedfuseError(f"quorum={self.quorum}: use a fraction in (0, 1]")
+
+    @property
+    def phases(self) -> list[str]:
+        return [p.strip() for p in self.phase.split(",") if p.strip()]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> "RunConfig":
+        """Build from Flower's kebab-case run config; unknown keys are an error, not ignored."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in {**dict(run_config), **{k.replace("_", "-"): v for k, v in overrides.items()}}.items():
+            if key not in known:
+                raise FedfuseError(f"unknown run-config key {key!r}; known keys: {sorted(known)}")
+            f = known[key]
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            try:
+                values[f.name] = typ(value)
+            except (TypeError, ValueError) as exc:
+                raise FedfuseError(f"run-config key {key!r} must be {typ.__name__}, got {value!r}") from exc
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
