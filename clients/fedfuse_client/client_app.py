@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
 from fedfuse.finetune import finetune
@@ -52,9 +53,10 @@ def personalize_content(msg: Message, data: LocalData, cfg: RunConfig) -> Record
     return RecordDict({wire.METRICS: MetricRecord(metrics)})
 
 
-def build_client_app(**overrides: Any) -> ClientApp:
-    """The ClientApp; ``overrides`` replace run-config keys (for tests and scripts)."""
-    app = ClientApp()
+def build_client_app(mods: list[Mod] | None = None, **overrides: Any) -> ClientApp:
+    """The ClientApp; ``overrides`` replace run-config keys (for tests and scripts) and
+    ``mods`` wrap every exchange (Flower's middleware)."""
+    app = ClientApp(mods=mods or [])
 
     def setup(context: Context) -> tuple[RunConfig, LocalData]:
         torch.set_num_threads(1)
