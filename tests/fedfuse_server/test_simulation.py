@@ -15,7 +15,7 @@ from fedfuse_server.store import ModelStore
 
 NUM_CLIENTS, NUM_NEW = 10, 4
 SETTINGS = dict(num_clients=NUM_CLIENTS, num_new=NUM_NEW, train_steps=400, fit_rounds=4,
-                fit_steps=100, finetune_steps=300, wait_for_nodes=60, parallel="serial")
+                fit_steps=100, finetune_steps=300, wait_for_nodes=60, parallel="ray")
 
 
 def recording_mod(folder: str):
