@@ -200,7 +200,7 @@ class LocalDeployment:
         return found.group(1)
 
     def alive(self, name: str) -> bool:
-        return _alive(self.supernodes[name].pid)
+        return alive_pid(self.supernodes[name].pid)
 
     # -- runs -------------------------------------------------------------------------------------
     def flwr(self, args: list[str], timeout: float = 600, check: bool = True) -> str:
@@ -244,7 +244,7 @@ class LocalDeployment:
         while time.monotonic() < deadline:
             if ready():
                 return
-            if not _alive(pid):
+            if not alive_pid(pid):
                 raise FedfuseError(f"{what} exited during start-up; see {log}:\n{_tail(log)}")
             time.sleep(0.3)
         raise FedfuseError(f"{what} not healthy after {timeout:.0f}s; see {log}:\n{_tail(log)}")
@@ -254,7 +254,7 @@ def _tail(log: str, n: int = 15) -> str:
     return "\n".join(Path(log).read_text(errors="replace").splitlines()[-n:])
 
 
-def _alive(pid: int) -> bool:
+def alive_pid(pid: int) -> bool:
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own child if it exited
         if waited == pid:
@@ -278,7 +278,7 @@ def _signal_group(pid: int, sig: int) -> None:
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive_pid(pid):
             return True
         time.sleep(0.1)
-    return not _alive(pid)
+    return not alive_pid(pid)
