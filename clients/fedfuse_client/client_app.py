@@ -3,6 +3,7 @@ personalized initializer. Only weights, metadata and metrics ever leave the devi
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Any
 
@@ -16,6 +17,8 @@ from fedfuse import wire
 from fedfuse.finetune import finetune
 from fedfuse.runconfig import RunConfig
 from fedfuse_client.data import LocalData, local_data
+
+log = logging.getLogger("fedfuse_client")
 
 
 def _flat_record(weights: torch.Tensor) -> ArrayRecord:
@@ -76,6 +79,15 @@ def build_client_app(mods: list[Mod] | None = None, **overrides: Any) -> ClientA
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         _, data = setup(context)
+        config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else {}
+        if config.get(wire.ACTION) == wire.RECEIPT:
+            receipt = msg.content[wire.META]
+            if receipt[wire.STATUS] == wire.REJECTED:
+                log.warning("device %s: the server rejected its upload: %s", data.client_id,
+                            receipt[wire.REASON])
+            else:
+                log.info("device %s: upload accepted", data.client_id)
+            return Message(RecordDict(), reply_to=msg)
         meta = ConfigRecord({"client-id": data.client_id, "tau": [float(t) for t in data.tau]})
         return Message(RecordDict({wire.META: meta}), reply_to=msg)
 

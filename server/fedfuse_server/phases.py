@@ -18,6 +18,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.runconfig import RunConfig
+from fedfuse.screening import screen
 from fedfuse.tasks import sine
 from fedfuse_server.ray_map import RayMap
 from fedfuse_server.store import ModelStore
@@ -31,6 +32,10 @@ class CollectReport:
     declined: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # node or client -> reason
     failed: dict[int, str] = field(default_factory=dict)  # node id -> error / timeout
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "declined": self.declined, "rejected": self.rejected,
+                "failed": {str(k): v for k, v in self.failed.items()}}
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
@@ -62,6 +67,7 @@ def collect(grid: Grid, store: ModelStore, cfg: RunConfig) -> CollectReport:
                                          timeout=cfg.round_timeout))
     report = CollectReport()
     answered = set()
+    receipts: dict[int, tuple[str, str]] = {}
     try:
         existing = store.zoo()
         spec, tau_dim = existing.spec, existing.tau_dim
@@ -77,20 +83,23 @@ def collect(grid: Grid, store: ModelStore, cfg: RunConfig) -> CollectReport:
         if meta.get(wire.STATUS) == wire.DECLINED:
             report.declined.append(str(meta.get("client-id", node)))
             continue
+        who = str(meta.get("client-id", node))[:wire.MAX_CLIENT_ID]
         try:
-            if wire.WEIGHTS not in reply.content:
-                raise wire.UploadRejected("no weights record in the upload")
-            upload = wire.parse_upload(meta, reply.content[wire.WEIGHTS][wire.FLAT].numpy(),
-                                       spec, tau_dim)
+            upload = wire.parse_upload_content(reply.content, spec, tau_dim)
         except (wire.UploadRejected, KeyError, TypeError, ValueError) as exc:
-            report.rejected[str(meta.get("client-id", node))] = str(exc)
-            log.warning("rejected upload from node %s: %s", node, exc)
+            reason = str(exc) if isinstance(exc, wire.UploadRejected) else f"malformed upload: {exc}"
+            report.rejected[who] = reason
+            receipts[node] = (wire.REJECTED, reason)
+            log.warning("rejected upload from %s (node %s): %s", who, node, reason)
             continue
         spec, tau_dim = upload.spec, len(upload.tau)
         store.put(upload)
         report.accepted.append(upload.client_id)
+        receipts[node] = (wire.ACCEPTED, "")
     for node in set(nodes) - answered:
         report.failed[node] = f"no reply within {cfg.round_timeout:.0f}s"
+    send_receipts(grid, receipts, cfg)
+    store.record_round("collect", report.as_dict())
     contacted = len(nodes) - len(report.declined)
     log.info("collect: %d accepted, %d declined, %d rejected, %d failed", len(report.accepted),
              len(report.declined), len(report.rejected), len(report.failed))
@@ -100,6 +109,19 @@ def collect(grid: Grid, store: ModelStore, cfg: RunConfig) -> CollectReport:
             f"devices asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored"
         )
     return report
+
+
+def send_receipts(grid: Grid, receipts: dict[int, tuple[str, str]], cfg: RunConfig) -> None:
+    """Tell every device that uploaded whether its upload was stored and, if not, exactly why."""
+    if not receipts:
+        return
+    msgs = [_request(node, wire.RECEIPT, MessageType.QUERY,
+                     {wire.META: ConfigRecord({wire.STATUS: status, wire.REASON: reason})})
+            for node, (status, reason) in receipts.items()]
+    answered = {r.metadata.src_node_id for r in grid.send_and_receive(msgs, timeout=min(cfg.round_timeout, 60))}
+    missing = set(receipts) - answered
+    if missing:
+        log.warning("%d devices did not acknowledge their receipt (their uploads stand)", len(missing))
 
 
 def probe_inputs(family: str) -> torch.Tensor | None:
@@ -118,11 +140,17 @@ def make_pmap(cfg: RunConfig) -> ParallelMap:
 def fit(store: ModelStore, cfg: RunConfig, pmap: ParallelMap | None = None,
         progress: bool = True) -> MetaModel:
     zoo = store.zoo()
-    log.info("fit: %d models, %d weights each", len(zoo), zoo.spec.num_weights)
+    probe = probe_inputs(cfg.family)
+    kept, report = screen(zoo, probe, threshold=cfg.screen)
+    if report.excluded:
+        log.warning("fit: excluded %d outlying models: %s", len(report.excluded), report.excluded)
+    log.info("fit: %d models, %d weights each", len(kept), zoo.spec.num_weights)
     model = MetaModel(max_rounds=cfg.fit_rounds, steps_per_round=cfg.fit_steps, seed=cfg.seed,
                       pmap=pmap or make_pmap(cfg), progress=progress)
-    model.fit(zoo, probe=probe_inputs(cfg.family))
+    model.fit(kept, probe=probe)
     store.save_meta_model(model)
+    store.record_round("fit", {**report.as_dict(), "models": len(kept), "seconds": model.fit_seconds_,
+                               "rounds": model.n_rounds_})
     log.info("fit: done in %.1fs, %d rounds", model.fit_seconds_, model.n_rounds_)
     return model
 
@@ -167,6 +195,10 @@ def personalize(grid: Grid, store: ModelStore, cfg: RunConfig, run: str) -> dict
             continue
         metrics = {k: v for k, v in dict(reply.content[wire.METRICS]).items() if k in wire.METRIC_KEYS}
         metrics["code-variance"] = float(post.code_variance[j].mean())
+        metrics["uncertainty"] = float(post.uncertainty[j])
+        if post.low_confidence()[j]:
+            log.warning("device %s: descriptor far from every training task (uncertainty %.2f): "
+                        "its initializer is close to the population's", cid, metrics["uncertainty"])
         store.record_metrics(cid, run, metrics)
         results[cid] = metrics
     _print_results(results)

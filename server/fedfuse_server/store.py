@@ -1,10 +1,12 @@
 """The server's durable model store: one safetensors file per upload plus a SQLite index.
 
-Layout under ``root``: ``uploads/<key>.safetensors`` (weights, descriptor, architecture),
-``meta_model.safetensors`` and ``index.sqlite``. A file is written to a temp name and renamed
-before its index row is committed, so a crash at any point leaves either the old entry or the
-new one, never half of either. Entries are keyed by the client's own id: an upload from a
-known id replaces its entry.
+Layout under ``root``: ``uploads/<key>-<version>.safetensors`` (weights, descriptor,
+architecture), ``meta_model-<version>.safetensors`` and ``index.sqlite``. Every write goes to a
+new file (itself written to a temp name, fsynced and renamed); the index row is switched to it in
+one SQLite transaction and only then is the previous file deleted. A crash at any point leaves
+the index pointing at a complete file, the old one or the new one; files no row points to are
+collected when the store is next opened. Entries are keyed by the client's own id: an upload from
+a known id replaces its entry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +46,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     received REAL NOT NULL,
     PRIMARY KEY (client_id, run)
 );
+CREATE TABLE IF NOT EXISTS rounds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    phase TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    finished REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta_model (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     file TEXT NOT NULL,
@@ -67,6 +76,24 @@ class ModelStore:
             db.executescript(SCHEMA)
         finally:
             db.close()
+        self._collect_orphans()
+
+    def _collect_orphans(self, min_age: float = 300.0) -> None:
+        """Delete files no index row points to (left by a crash between write and commit).
+        Young files are spared: another writer may be about to commit them."""
+        with self._db() as db:
+            live = {r[0] for r in db.execute("SELECT file FROM uploads")}
+            live |= {r[0] for r in db.execute("SELECT file FROM meta_model")}
+        now = time.time()
+        for path in [*(self.root / "uploads").glob("*.safetensors"), *self.root.glob("meta_model-*.safetensors")]:
+            rel = str(path.relative_to(self.root))
+            if rel not in live and now - path.stat().st_mtime > min_age:
+                path.unlink(missing_ok=True)
+
+    def _drop_superseded(self, old: str | None, new: str) -> None:
+        """After the commit that switched to ``new``: drop the superseded file."""
+        if old and old != new:
+            (self.root / old).unlink(missing_ok=True)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -87,16 +114,18 @@ class ModelStore:
     def put(self, upload: Upload) -> None:
         """Store (or replace) one client's upload; returns once it is durable."""
         key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
-        path = self.root / "uploads" / f"{key}.safetensors"
-        save_tensors(path, {"weights": upload.weights, "tau": torch.tensor(upload.tau)},
-                     {"client_id": upload.client_id, "spec": upload.spec.to_dict()})
+        rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
+        path = save_tensors(self.root / rel, {"weights": upload.weights, "tau": torch.tensor(upload.tau)},
+                            {"client_id": upload.client_id, "spec": upload.spec.to_dict()})
         with self._db() as db:
+            row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
             db.execute(
                 "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
                 "file=excluded.file, sha256=excluded.sha256, n_examples=excluded.n_examples, "
                 "received=excluded.received",
-                (upload.client_id, path.name, _sha256(path), upload.n_examples, time.time()),
+                (upload.client_id, rel, _sha256(path), upload.n_examples, time.time()),
             )
+        self._drop_superseded(row[0] if row else None, rel)
 
     def ids(self) -> list[str]:
         with self._db() as db:
@@ -114,7 +143,7 @@ class ModelStore:
             raise ZooError(f"the store at {self.root} holds no uploads yet: run the collect phase first")
         records, spec = [], None
         for cid, name, digest, n_examples in rows:
-            path = self.root / "uploads" / name
+            path = self.root / name
             if _sha256(path) != digest:
                 raise FedfuseError(f"store file {path} for client {cid!r} does not match its index entry")
             tensors, meta = load_tensors(path)
@@ -126,11 +155,14 @@ class ModelStore:
 
     # -- meta-model -----------------------------------------------------------------------------
     def save_meta_model(self, model: MetaModel) -> Path:
-        path = self.root / "meta_model.safetensors"
+        rel = f"meta_model-{uuid.uuid4().hex[:12]}.safetensors"
+        path = self.root / rel
         model.save(path)
         with self._db() as db:
+            row = db.execute("SELECT file FROM meta_model WHERE id = 1").fetchone()
             db.execute("INSERT OR REPLACE INTO meta_model VALUES (1, ?, ?, ?, ?)",
-                       (path.name, _sha256(path), len(model.ids_), time.time()))
+                       (rel, _sha256(path), len(model.ids_), time.time()))
+        self._drop_superseded(row[0] if row else None, rel)
         return path
 
     def load_meta_model(self, pmap: ParallelMap | None = None) -> MetaModel:
@@ -142,6 +174,18 @@ class ModelStore:
         if _sha256(path) != row[1]:
             raise FedfuseError(f"{path} does not match its index entry")
         return MetaModel.load(path, pmap=pmap)
+
+    # -- reports of rounds (who was accepted, rejected, failed, excluded) -----------------------
+    def record_round(self, phase: str, report: dict[str, Any]) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO rounds (phase, payload, finished) VALUES (?, ?, ?)",
+                       (phase, json.dumps(report), time.time()))
+
+    def rounds(self, phase: str | None = None) -> list[dict[str, Any]]:
+        with self._db() as db:
+            q = "SELECT phase, payload FROM rounds" + (" WHERE phase = ?" if phase else "") + " ORDER BY id"
+            rows = db.execute(q, (phase,) if phase else ()).fetchall()
+        return [{"phase": p, **json.loads(payload)} for p, payload in rows]
 
     # -- personalization metrics ----------------------------------------------------------------
     def record_metrics(self, client_id: str, run: str, metrics: dict[str, Any]) -> None:

@@ -229,7 +229,9 @@ class MetaModel:
         self._check_fitted()
         t = check_descriptor(tau, self.tau_dim)
         mean, var = self.gp_.predict(self._normalize(t))
-        return WeightPosterior(self.spec_, self.decoder_, self.base_.loc, self.base_.scale, mean, var)
+        prior = (self.gp_.kernel.outputscale + self.gp_.noise).float()
+        return WeightPosterior(self.spec_, self.decoder_, self.base_.loc, self.base_.scale, mean, var,
+                               prior_code_var=prior)
 
     @torch.no_grad()
     def reconstruct(self) -> Tensor:

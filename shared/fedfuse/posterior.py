@@ -16,8 +16,8 @@ class WeightPosterior(Distribution):
 
     ``mean`` is the decoded weights at the codes' means (the paper's initializer ``gamma*``);
     ``variance`` is the total variance (decoder noise plus code uncertainty, estimated once with
-    a fixed number of seeded samples); ``code_variance`` is the GP's own predictive variance,
-    the confidence in a descriptor far from the training tasks.
+    a fixed number of seeded samples); ``code_variance`` is the GP's own predictive variance and
+    ``uncertainty`` its ratio to the prior variance (near 1 far from every training task).
     """
 
     arg_constraints: dict = {}
@@ -32,6 +32,7 @@ class WeightPosterior(Distribution):
         base_scale: Tensor,
         code_loc: Tensor,
         code_var: Tensor,
+        prior_code_var: Tensor | None = None,
         moment_samples: int = 64,
         seed: int = 0,
     ) -> None:
@@ -39,6 +40,9 @@ class WeightPosterior(Distribution):
         self._decoder = decoder
         self._base = (base_loc.detach(), base_scale.detach())
         self.code_loc, self.code_variance = code_loc.detach(), code_var.detach()
+        prior = code_var.new_ones(code_var.shape[-1]) if prior_code_var is None else prior_code_var
+        # 0: the descriptor sits among training tasks; 1: the GP has nothing to say about it
+        self.uncertainty = (self.code_variance / prior.detach()).mean(-1).clamp(0, 1)
         q = code_loc.shape[0]
         super().__init__(torch.Size([q]), torch.Size([spec.num_weights]), validate_args=False)
         with torch.no_grad():
@@ -58,6 +62,11 @@ class WeightPosterior(Distribution):
         base = (loc + scale * eps0).expand(*shape, q, -1)
         code = self.code_loc + self.code_variance.sqrt() * eps
         return self._decoder(self._codes(base, code))
+
+    def low_confidence(self, threshold: float = 0.5) -> Tensor:
+        """Tasks whose code the GP barely constrains: far from every training descriptor, the
+        initializer is the population's, not a personal one."""
+        return self.uncertainty > threshold
 
     @property
     def mean(self) -> Tensor:

@@ -34,6 +34,7 @@ class RunConfig:
     fit_rounds: int = 10
     fit_steps: int = 250
     parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
+    screen: float = 10.0  # robust z-score above which a model is excluded as an outlier (0: off)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.phases if p not in PHASES]

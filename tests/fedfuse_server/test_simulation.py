@@ -74,10 +74,13 @@ def test_personalized_devices_beat_cold_start(simulated):
 @pytest.mark.slow
 def test_every_client_message_carries_only_weights_metadata_and_metrics(simulated):
     entries = [json.loads(p.read_text()) for p in simulated[1].glob("*.json")]
-    kinds = {"upload": 0, "declined": 0, "query": 0, "metrics": 0}
+    kinds = {"upload": 0, "declined": 0, "query": 0, "metrics": 0, "receipt-ack": 0}
     for e in entries:
         recs = e["records"]
-        if set(recs) == {wire.WEIGHTS, wire.META}:  # an upload
+        if not recs:  # acknowledging the server's receipt for an upload
+            assert e["type"] == "query"
+            kinds["receipt-ack"] += 1
+        elif set(recs) == {wire.WEIGHTS, wire.META}:  # an upload
             assert recs[wire.WEIGHTS] == {"kind": "array", "arrays": {wire.FLAT: [301]}}
             values = recs[wire.META]["values"]
             assert set(values) == wire.UPLOAD_META_KEYS
@@ -95,8 +98,8 @@ def test_every_client_message_carries_only_weights_metadata_and_metrics(simulate
             assert recs[wire.METRICS]["kind"] == "metric"
             assert set(recs[wire.METRICS]["values"]) <= wire.METRIC_KEYS
             kinds["metrics"] += 1
-    assert kinds == {"upload": NUM_CLIENTS, "declined": NUM_NEW,
-                     "query": NUM_CLIENTS + NUM_NEW, "metrics": NUM_NEW}
+    assert kinds == {"upload": NUM_CLIENTS, "declined": NUM_NEW, "query": NUM_CLIENTS + NUM_NEW,
+                     "metrics": NUM_NEW, "receipt-ack": NUM_CLIENTS}
 
 
 @pytest.mark.slow

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from fedfuse.meta_model import MetaModel
+from fedfuse.screening import screen
+from fedfuse.tasks import sine
+from fedfuse.zoo import ModelZoo
+
+PROBE = torch.linspace(-5, 5, 32)[:, None]
+
+
+def _poisoned(zoo: ModelZoo, n_bad: int = 6) -> ModelZoo:
+    """Half scaled copies of honest models, half random nets, each claiming a real task."""
+    gen = torch.Generator().manual_seed(7)
+    bad = []
+    for j in range(n_bad):
+        if j % 2 == 0:
+            w = 5.0 * zoo.weights[j]
+        else:
+            w = 3.0 * torch.randn(zoo.spec.num_weights, generator=gen)
+        bad.append(w)
+    return ModelZoo(zoo.spec, torch.cat([zoo.weights, torch.stack(bad)]),
+                    torch.cat([zoo.tau, zoo.tau[:n_bad] + 0.01]),
+                    zoo.ids + [f"bad-{j}" for j in range(n_bad)])
+
+
+@pytest.mark.parametrize("probe", [PROBE, None])
+def test_scaled_and_random_models_are_excluded(small_sine_zoo, probe):
+    _, zoo = small_sine_zoo
+    kept, report = screen(_poisoned(zoo), probe)
+    assert sorted(report.excluded) == [f"bad-{j}" for j in range(6)]
+    assert kept.ids == zoo.ids
+    assert report.as_dict()["max_score"] > report.threshold
+
+
+def test_an_honest_zoo_loses_nothing(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    kept, report = screen(zoo, PROBE)
+    assert report.excluded == [] and len(kept) == len(zoo)
+
+
+@pytest.mark.slow
+def test_poisoned_zoo_after_screening_personalizes_within_10_percent_of_clean():
+    tasks = sine.sample_tasks(80, seed=11)
+    zoo = ModelZoo(sine.SPEC, sine.pretrain(tasks, seed=12, points=100, steps=400), tasks.tau,
+                   [f"c{i:03d}" for i in range(80)])
+    test = sine.sample_tasks(30, seed=13)
+    settings = dict(hidden=(128,), max_rounds=4, steps_per_round=120, seed=0)
+
+    def zero_shot(z: ModelZoo) -> float:
+        model = MetaModel(**settings).fit(z, probe=PROBE)
+        return float(sine.nrmse(sine.SPEC, model.personalize(test.tau).mean, test).mean())
+
+    clean = zero_shot(zoo)
+    poisoned = _poisoned(zoo, 8)
+    kept, report = screen(poisoned, PROBE)
+    assert len(report.excluded) == 8
+    screened = zero_shot(kept)
+    assert abs(screened - clean) <= 0.1 * clean
+    unscreened = zero_shot(poisoned)
+    assert unscreened > screened  # what the screening saved
