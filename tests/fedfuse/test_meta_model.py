@@ -89,3 +89,9 @@ def test_fit_is_reproducible_with_a_seed(small_sine_zoo):
     a = MetaModel(**settings).fit(zoo).personalize([1.0, 1.0]).mean
     b = MetaModel(**settings).fit(zoo).personalize([1.0, 1.0]).mean
     assert torch.equal(a, b)
+
+
+def test_far_descriptors_are_flagged_low_confidence(fitted):
+    post = fitted.personalize([[2.5, 1.5], [60.0, -40.0]])
+    assert post.uncertainty[0] < 0.5 < post.uncertainty[1]
+    assert post.low_confidence().tolist() == [False, True]
