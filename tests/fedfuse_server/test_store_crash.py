@@ -75,3 +75,39 @@ def test_store_equals_a_dict_of_latest_uploads(tmp_path_factory, ops):
     assert zoo.ids == sorted(expected)
     for cid, w in zip(zoo.ids, zoo.weights):
         assert float(w[0]) == pytest.approx(expected[cid])
+
+
+FIT = """
+import sys, torch
+from fedfuse.runconfig import RunConfig
+from fedfuse_server.phases import fit
+from fedfuse_server.store import ModelStore
+torch.set_num_threads(1)
+print("fitting", flush=True)
+fit(ModelStore(sys.argv[1]), RunConfig(fit_rounds=50, fit_steps=200, parallel="serial"), progress=False)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_fit_killed_midway_leaves_the_previous_model_and_restarts_cleanly(small_sine_zoo, tmp_path):
+    from fedfuse.runconfig import RunConfig
+    from fedfuse_server.phases import fit
+
+    _, zoo = small_sine_zoo
+    store = ModelStore(tmp_path)
+    for cid, w, tau in zip(zoo.ids, zoo.weights, zoo.tau):
+        store.put(Upload(cid, zoo.spec, w, tau.tolist(), 100))
+    quick = RunConfig(fit_rounds=1, fit_steps=10, parallel="serial")
+    first = fit(store, quick, progress=False)
+    before = ModelStore(tmp_path).load_meta_model().personalize([1.0, 1.0]).mean
+    proc = subprocess.Popen([sys.executable, "-c", FIT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "fitting"
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survivor = ModelStore(tmp_path).load_meta_model()  # the earlier model, intact
+    assert torch.equal(survivor.personalize([1.0, 1.0]).mean, before)
+    again = fit(ModelStore(tmp_path), quick, progress=False)
+    assert again.ids_ == first.ids_
+    assert len(list(tmp_path.glob("meta_model-*.safetensors"))) <= 2  # at most one orphan, collected later
