@@ -84,9 +84,9 @@ def align_chunk(chunk: AlignChunk) -> list[np.ndarray]:
     out = [
         align_model(
             chunk.spec,
-            chunk.gamma[j],
-            chunk.mean[j],
-            chunk.var[j],
+            chunk.gamma[j].astype(np.float64),
+            chunk.mean[j].astype(np.float64),
+            chunk.var[j].astype(np.float64),
             [p[j] for p in chunk.perms],
         )
         for j in range(chunk.gamma.shape[0])
@@ -112,7 +112,7 @@ def align_zoo(
     if spec.num_hidden_layers == 0:
         return perms
     n = gamma.shape[0]
-    g, m, v = (t.detach().double().numpy() for t in (gamma, mean, var))
+    g, m, v = (t.detach().float().numpy() for t in (gamma, mean, var))
     p = [t.numpy() for t in perms]
     chunks = [
         AlignChunk(spec, g[s : s + chunk_size], m[s : s + chunk_size], v[s : s + chunk_size],
@@ -127,13 +127,25 @@ def align_zoo(
 
 
 def apply_perms(spec: MLPSpec, gamma: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
-    """Re-order each model of ``gamma`` ``(n, d)`` into canonical order."""
+    """Re-order each model of ``gamma`` ``(n, d)`` into canonical order, all models at once
+    (the batched form of :meth:`MLPSpec.permute`)."""
     if spec.num_hidden_layers == 0:
         return gamma
-    index = torch.stack(
-        [spec.gather_index([p[i] for p in perms]) for i in range(gamma.shape[0])]
-    )
-    return torch.gather(gamma, 1, index)
+    n = gamma.shape[0]
+    params = spec.unflatten(gamma)
+    out = []
+    n_layers = len(params) // 2
+    for li in range(n_layers):
+        w, b = params[2 * li], params[2 * li + 1]
+        fan_out, fan_in = w.shape[1:]
+        if li < n_layers - 1:
+            rows = perms[li]
+            w = w.gather(1, rows[:, :, None].expand(-1, -1, fan_in))
+            b = b.gather(1, rows)
+        if li > 0:
+            w = w.gather(2, perms[li - 1][:, None, :].expand(-1, fan_out, -1))
+        out += [w.reshape(n, -1), b]
+    return torch.cat(out, dim=1)
 
 
 def task_tree(tau: torch.Tensor, k: int = 10) -> tuple[np.ndarray, list[np.ndarray]]:

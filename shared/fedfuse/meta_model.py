@@ -57,6 +57,7 @@ class MetaModel:
         max_rounds: int = 10,
         min_rounds: int = 3,
         steps_per_round: int = 250,
+        gp_steps: int = 10,
         lr: float = 3e-3,
         batch_size: int = 256,
         code_samples: int = 4,
@@ -77,6 +78,7 @@ class MetaModel:
         self.max_rounds = max_rounds
         self.min_rounds = min_rounds
         self.steps_per_round = steps_per_round
+        self.gp_steps = gp_steps
         self.lr = lr
         self.batch_size = batch_size
         self.code_samples = code_samples
@@ -89,7 +91,7 @@ class MetaModel:
 
     _SETTINGS = (
         "code_dim", "base_dim", "hidden", "num_inducing", "block_size", "exact_gp", "align",
-        "max_rounds", "min_rounds", "steps_per_round", "lr", "batch_size", "code_samples", "refine_weight", "tol",
+        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "batch_size", "code_samples", "refine_weight", "tol",
         "seed", "chunk_size",
     )
 
@@ -123,8 +125,8 @@ class MetaModel:
         aligned = apply_perms(spec, gamma, self.perms_)
         targets = None
         if probe is not None:
-            with torch.no_grad():
-                out = spec.forward(gamma, probe.float())  # (n, N, out): permutation invariant
+            with torch.no_grad():  # (n, N, out), permutation invariant; chunked for large zoos
+                out = torch.cat([spec.forward(g, probe.float()) for g in gamma.split(1024)])
             scale = out.var(dim=(1, 2), keepdim=True, unbiased=False).clamp_min(1e-6)
             targets = (probe.float(), out, scale)
 
@@ -140,20 +142,29 @@ class MetaModel:
         self.decoder_ = WeightDecoder(self.base_dim + self.code_dim, spec.num_weights, self.hidden)
         self.decoder_.init_output(aligned.mean(0), aligned.var(0, unbiased=False) + 1e-4)
         params = [*self.decoder_.parameters(), *self.codes_.parameters(),
-                  *self.base_.parameters(), self.log_alpha_, *self.gp_.parameters()]
+                  *self.base_.parameters(), self.log_alpha_]
         opt = torch.optim.Adam(params, lr=self.lr)
+        gp_opt = torch.optim.Adam(self.gp_.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
 
         self.history_: list[dict[str, float]] = []
         prev = None
         with progress_bar(self.progress, "fitting meta-model", total=self.max_rounds) as bar:
             for rnd in range(self.max_rounds):
+                # coordinate ascent: the GP hyperparameters appear only in the prior term, so
+                # they move in a few steps of their own, and the codes see a frozen factorization
+                self.gp_.freeze()
                 for _ in range(self.steps_per_round):
                     batch = torch.randperm(n, generator=gen)[: min(n, self.batch_size)]
                     opt.zero_grad()
-                    loss = -self._elbo(aligned, batch, targets=targets)
+                    loss = -self._elbo(aligned, batch, targets=targets, frozen=True)
                     loss.backward()
                     opt.step()
+                mean, var = self.codes_.mean.detach(), self.codes_.variance.detach()
+                for _ in range(self.gp_steps):
+                    gp_opt.zero_grad()
+                    (-self.gp_.expected_log_prob(mean, var)).backward()
+                    gp_opt.step()
                 with torch.no_grad():
                     elbo = float(self._elbo(aligned, torch.arange(n), generator=gen))
                 changed = 0.0
@@ -181,7 +192,7 @@ class MetaModel:
         return (tau - self.tau_loc_) / self.tau_scale_
 
     def _elbo(self, aligned: Tensor, batch: Tensor, generator: torch.Generator | None = None,
-              targets: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+              targets: tuple[Tensor, Tensor, Tensor] | None = None, frozen: bool = False) -> Tensor:
         """Single-sample reparameterized ELBO; the likelihood of a mini-batch is scaled to ``n``.
         With ``targets`` the function-space matching penalty is subtracted (training only)."""
         n = aligned.shape[0]
@@ -191,7 +202,8 @@ class MetaModel:
         base = self.base_.loc + self.base_.scale * torch.randn(self.base_dim, generator=generator)
         mean, var = self.decoder_(torch.cat([base.expand(len(batch), -1), codes], 1))
         loglik = Normal(mean, var.sqrt()).log_prob(aligned[batch]).sum() * (n / len(batch))
-        prior = self.gp_.expected_log_prob(self.codes_.mean, self.codes_.variance).float()
+        prior_fn = self.gp_.frozen_expected_log_prob if frozen else self.gp_.expected_log_prob
+        prior = prior_fn(self.codes_.mean, self.codes_.variance).float()
         alpha = self.log_alpha_.exp()
         kl_base = self.base_.kl_to(Normal(torch.zeros(()), alpha))
         elbo = loglik + prior + self.codes_.entropy() - kl_base

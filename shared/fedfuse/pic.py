@@ -36,6 +36,25 @@ def kmeans(x: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(centres[used]).to(x.dtype), torch.from_numpy(remap[labels]).long()
 
 
+def cap_blocks(x: Tensor, labels: Tensor, cap: int) -> Tensor:
+    """Split every block larger than ``cap`` into near-equal pieces along its principal
+    direction: padding to the largest block then costs at most ``cap^3`` per block."""
+    out = labels.clone()
+    next_label = int(labels.max()) + 1
+    for o in range(int(labels.max()) + 1):
+        members = torch.nonzero(labels == o).flatten()
+        if len(members) <= cap:
+            continue
+        pts = x[members] - x[members].mean(0)
+        direction = torch.linalg.svd(pts, full_matrices=False)[2][0] if pts.shape[1] > 1 else torch.ones(1, dtype=x.dtype)
+        order = members[torch.argsort(pts @ direction)]
+        pieces = torch.tensor_split(order, -(-len(members) // cap))
+        for piece in pieces[1:]:
+            out[piece] = next_label
+            next_label += 1
+    return out
+
+
 @dataclass
 class _Blocks:
     index: Tensor  # (p, B) task index per block slot, 0 on padding
@@ -79,6 +98,9 @@ class SparseLocalizedGP(nn.Module):
             centres, labels = tau.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long)
         else:
             centres, labels = kmeans(tau, num_blocks or max(1, round(n / block_size)), seed)
+            if num_blocks is None:
+                labels = cap_blocks(tau, labels, max(2, int(1.25 * block_size)))
+                centres = torch.stack([tau[labels == o].mean(0) for o in range(int(labels.max()) + 1)])
             inducing = kmeans(tau, num_inducing, seed + 1)[0] if num_inducing < n else tau
         self._setup(tau, centres, labels, inducing.expand(num_outputs, -1, -1), exact, min_noise)
         with torch.no_grad():
@@ -107,6 +129,7 @@ class SparseLocalizedGP(nn.Module):
         else:
             self.inducing = nn.Parameter(inducing)
         self._cache: dict[str, Tensor] | None = None
+        self._frozen: dict[str, Tensor] = {}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], exact: bool, min_noise: float = 1e-4) -> "SparseLocalizedGP":
@@ -187,6 +210,33 @@ class SparseLocalizedGP(nn.Module):
             diag = dinv - (ac * a).sum(-1)  # diag of Sigma^-1, (e, p, B)
             total = total - 0.5 * (diag * self._pad(var)).sum((1, 2))
         return total.sum()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Factor the prior once for the current hyperparameters: until the next ``freeze``,
+        :meth:`frozen_expected_log_prob` costs ``O(n m + sum_o n_o^2)`` and differentiates only
+        through the codes (used for all the steps between two hyperparameter updates)."""
+        f = self._factor()
+        a = f["a"]
+        e, p, width, m = a.shape
+        cinv = torch.cholesky_inverse(f["lc"])
+        dinv = torch.cholesky_inverse(f["ld"])
+        ac = (a.reshape(e, p * width, m) @ cinv).reshape(a.shape)
+        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
+        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
+        self._frozen = {"dinv": dinv, "vb": f["vb"], "cinv": cinv, "logdet": logdet,
+                        "diag": torch.diagonal(dinv, dim1=-2, dim2=-1) - (ac * a).sum(-1)}
+
+    def frozen_expected_log_prob(self, mean: Tensor, var: Tensor) -> Tensor:
+        """:meth:`expected_log_prob` at the hyperparameters of the last :meth:`freeze`."""
+        c = self._frozen
+        mu = self._pad(mean)
+        dmu = torch.einsum("epbc,epc->epb", c["dinv"], mu)
+        t = torch.einsum("epbm,epb->em", c["vb"], dmu)
+        quad = (mu * dmu).sum((1, 2)) - torch.einsum("em,emk,ek->e", t, c["cinv"], t)
+        trace = (c["diag"] * self._pad(var)).sum((1, 2))
+        n = self.tau.shape[0]
+        return (-0.5 * (n * LOG_2PI + c["logdet"] + quad + trace)).sum()
 
     # -- predictive -----------------------------------------------------------------------------------
     @torch.no_grad()

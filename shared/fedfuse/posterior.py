@@ -45,11 +45,10 @@ class WeightPosterior(Distribution):
         self.uncertainty = (self.code_variance / prior.detach()).mean(-1).clamp(0, 1)
         q = code_loc.shape[0]
         super().__init__(torch.Size([q]), torch.Size([spec.num_weights]), validate_args=False)
+        self._moments = (moment_samples, seed)
+        self._variance: Tensor | None = None
         with torch.no_grad():
             self._mean, _ = decoder(self._codes(base_loc.expand(q, -1), code_loc))
-            gen = torch.Generator().manual_seed(seed)
-            m, v = self._decode_samples(torch.Size([moment_samples]), gen)
-            self._variance = v.mean(0) + m.var(0)
 
     def _codes(self, base: Tensor, code: Tensor) -> Tensor:
         return torch.cat([base, code], dim=-1)
@@ -74,6 +73,12 @@ class WeightPosterior(Distribution):
 
     @property
     def variance(self) -> Tensor:
+        """Estimated on first use, so that asking only for the initializer stays fast."""
+        if self._variance is None:
+            samples, seed = self._moments
+            with torch.no_grad():
+                m, v = self._decode_samples(torch.Size([samples]), torch.Generator().manual_seed(seed))
+            self._variance = v.mean(0) + m.var(0)
         return self._variance
 
     def rsample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:

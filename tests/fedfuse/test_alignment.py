@@ -46,3 +46,11 @@ def test_chain_alignment_undoes_scrambling_of_copies():
     # every copy ends in one common order (the root's): the copies coincide again
     assert (aligned - aligned[0]).abs().max() < 0.01
     assert (gamma - gamma[0]).abs().max() > 0.1
+
+
+def test_batched_permutation_equals_per_model_permute():
+    spec = MLPSpec((3, 7, 5, 2))
+    gamma = spec.init(6)
+    perms = [torch.stack([torch.randperm(h) for _ in range(6)]) for h in spec.hidden_sizes]
+    expected = torch.stack([spec.permute(gamma[i], [p[i] for p in perms]) for i in range(6)])
+    assert torch.equal(apply_perms(spec, gamma, perms), expected)

@@ -96,3 +96,31 @@ def test_saved_state_rebuilds_the_same_prior():
     pic = SparseLocalizedGP(tau, 3, num_inducing=5, num_blocks=3)
     again = SparseLocalizedGP.from_state(pic.state_dict(), exact=False)
     torch.testing.assert_close(again.expected_log_prob(mu), pic.expected_log_prob(mu))
+
+
+def test_large_blocks_are_split_to_the_cap():
+    from fedfuse.pic import cap_blocks
+
+    x = torch.randn(100, 2, dtype=torch.float64)
+    labels = torch.zeros(100, dtype=torch.long)
+    labels[:10] = 1
+    capped = cap_blocks(x, labels, cap=25)
+    sizes = torch.bincount(capped)
+    assert sizes.max() <= 25 and sizes.sum() == 100
+    assert set(capped[:10].tolist()) == {1}  # small blocks are kept whole
+    pic = SparseLocalizedGP(torch.rand(400, 2), 2, num_inducing=8, block_size=40)
+    assert pic.block_index.shape[1] <= 50
+
+
+def test_frozen_prior_equals_the_full_one_and_differentiates_through_the_codes():
+    tau, mu, var = _data(n=40)
+    pic = SparseLocalizedGP(tau, 3, num_inducing=6, num_blocks=4)
+    pic.freeze()
+    mu = mu.clone().requires_grad_(True)
+    frozen = pic.frozen_expected_log_prob(mu, var)
+    torch.testing.assert_close(frozen, pic.expected_log_prob(mu, var).detach())
+    frozen.backward()
+    grad = mu.grad.clone()
+    mu.grad = None
+    pic.expected_log_prob(mu, var).backward()
+    torch.testing.assert_close(grad.double(), mu.grad.double())
