@@ -7,8 +7,8 @@ from fedfuse_server.ray_map import RayMap
 
 
 def test_small_batches_stay_in_process():
-    calls = RayMap(min_items=4)(lambda x: x * 2, [1, 2, 3])
-    assert calls == [2, 4, 6]
+    calls = RayMap()(lambda x: x * 2, list(range(31)))
+    assert calls == [2 * x for x in range(31)]  # below the threshold: no Ray started
 
 
 @pytest.mark.slow
