@@ -1,0 +1,88 @@
+"""MNIST K-subset tasks (Table 2): classify among the K digits a task names.
+
+The descriptor is the 10-bit indicator of the task's digits. For each K in 2..5 there are 40
+training and 15 unseen test tasks; K = 2 has only 45 digit pairs, so 40 train and the other 5
+test. A training device holds images of its digits from MNIST's training split; test tasks are
+scored by K-way accuracy on the MNIST test images of their digits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedfuse.datasets import kway_accuracy
+from fedfuse.finetune import finetune
+from fedfuse.layout import MLPSpec
+
+SPEC = MLPSpec((784, 100, 10))
+KS = (2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class DigitTask:
+    digits: tuple[int, ...]
+
+    @property
+    def tau(self) -> Tensor:
+        t = torch.zeros(10)
+        t[list(self.digits)] = 1.0
+        return t
+
+
+def sample_tasks(seed: int, n_train: int = 40, n_test: int = 15) -> tuple[list[DigitTask], list[DigitTask]]:
+    """Disjoint training and test digit subsets for every K (all of them when fewer exist)."""
+    rng = random.Random(seed)
+    train, test = [], []
+    for k in KS:
+        subsets = list(itertools.combinations(range(10), k))
+        rng.shuffle(subsets)
+        n_tr = min(n_train, len(subsets))
+        train += [DigitTask(s) for s in subsets[:n_tr]]
+        test += [DigitTask(s) for s in subsets[n_tr : n_tr + n_test]]
+    return train, test
+
+
+def task_data(task: DigitTask, images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` images of the task's digits (all of them if ``None``), drawn with ``seed``."""
+    idx = torch.nonzero(torch.isin(labels, torch.tensor(task.digits))).flatten()
+    if n is not None:
+        gen = torch.Generator().manual_seed(seed)
+        idx = idx[torch.randperm(len(idx), generator=gen)[:n]]
+    return images[idx], labels[idx]
+
+
+def shots_per_digit(task: DigitTask, images: Tensor, labels: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``k`` examples of each of the task's digits (the k-shot fine-tuning set)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for d in task.digits:
+        idx = torch.nonzero(labels == d).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)[:k]]
+        xs.append(images[idx]), ys.append(labels[idx])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def pretrain(tasks: list[DigitTask], images: Tensor, labels: Tensor, seed: int,
+             per_task: int = 1000, steps: int = 300) -> Tensor:
+    """Each device: its own random init, trained on its own ``per_task`` images."""
+    gen = torch.Generator().manual_seed(seed)
+    init = SPEC.init(len(tasks), gen)
+    data = [task_data(t, images, labels, per_task, seed + i) for i, t in enumerate(tasks)]
+    x = torch.stack([d[0] for d in data])
+    y = torch.stack([d[1] for d in data])
+    return finetune(SPEC, init, x, y, steps=steps, lr=1e-3, loss="ce")
+
+
+def accuracy(weights: Tensor, tasks: list[DigitTask], images: Tensor, labels: Tensor) -> Tensor:
+    """K-way accuracy of each network on the given images of its task's digits."""
+    out = []
+    with torch.no_grad():
+        for w, t in zip(weights, tasks):
+            x, y = task_data(t, images, labels, None, 0)
+            out.append(kway_accuracy(SPEC.forward(w, x), y, list(t.digits)))
+    return torch.stack(out)
