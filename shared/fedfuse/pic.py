@@ -154,7 +154,7 @@ class SparseLocalizedGP(nn.Module):
 
     def _factor(self) -> dict[str, Tensor]:
         """Everything the density and the predictive share, per code dimension."""
-        e, eye_m = self.num_outputs, None
+        e = self.num_outputs
         xp = self.inducing  # (e, m, D)
         m = xp.shape[1]
         eye_m = torch.eye(m, dtype=torch.float64)
@@ -185,58 +185,46 @@ class SparseLocalizedGP(nn.Module):
         """``(n, e)`` per-task values into the padded block layout ``(e, p, B)``."""
         return (x.double().T[:, self.block_index]) * self.block_mask
 
+    def _precision(self, f: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The pieces of ``Sigma^-1 = D^-1 - A C^-1 A^T`` (``A = D^-1 U``) and ``log|Sigma|``
+        that the density, the frozen density and the predictive all use."""
+        a = f["a"]
+        e, p, width, m = a.shape
+        cinv = torch.cholesky_inverse(f["lc"])
+        dinv = torch.cholesky_inverse(f["ld"])
+        ac = (a.reshape(e, p * width, m) @ cinv).reshape(a.shape)  # Sigma^-1 U, per block
+        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
+        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
+        return {"dinv": dinv, "cinv": cinv, "ac": ac, "a": a, "vb": f["vb"], "logdet": logdet,
+                "diag": torch.diagonal(dinv, dim1=-2, dim2=-1) - (ac * a).sum(-1)}
+
+    def _density(self, c: dict[str, Tensor], mean: Tensor, var: Tensor | None) -> Tensor:
+        mu = self._pad(mean)
+        dmu = torch.einsum("epbc,epc->epb", c["dinv"], mu)
+        t = torch.einsum("epbm,epb->em", c["vb"], dmu)  # U^T D^-1 mu
+        quad = (mu * dmu).sum((1, 2)) - torch.einsum("em,emk,ek->e", t, c["cinv"], t)
+        trace = 0.0 if var is None else (c["diag"] * self._pad(var)).sum((1, 2))
+        n = self.tau.shape[0]
+        return (-0.5 * (n * LOG_2PI + c["logdet"] + quad + trace)).sum()
+
     # -- prior density -----------------------------------------------------------------------------
     def expected_log_prob(self, mean: Tensor, var: Tensor | None = None) -> Tensor:
         """``sum_kappa E_q log N(w^kappa | 0, Sigma^kappa)`` for ``q(w_i) = N(mean_i, diag var_i)``.
 
         ``mean``/``var``: ``(n, e)``. With ``var=None`` it is the plain log-density at ``mean``.
         """
-        f = self._factor()
-        n = self.tau.shape[0]
-        mu = self._pad(mean)[..., None]  # (e, p, B, 1)
-        dmu = torch.cholesky_solve(mu, f["ld"])
-        quad = (mu * dmu).sum((1, 2, 3))
-        t = torch.einsum("epbm,epbo->em", f["vb"], dmu)  # U^T D^-1 mu
-        ct = torch.cholesky_solve(t[..., None], f["lc"])[..., 0]
-        quad = quad - (t * ct).sum(-1)
-        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
-        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
-        total = -0.5 * (n * LOG_2PI + logdet + quad)
-        if var is not None:
-            dinv = torch.diagonal(torch.cholesky_inverse(f["ld"]), dim1=-2, dim2=-1)
-            a = f["a"]
-            ac = torch.cholesky_solve(a.reshape(a.shape[0], -1, a.shape[-1]).transpose(-1, -2),
-                                      f["lc"]).transpose(-1, -2).reshape(a.shape)
-            diag = dinv - (ac * a).sum(-1)  # diag of Sigma^-1, (e, p, B)
-            total = total - 0.5 * (diag * self._pad(var)).sum((1, 2))
-        return total.sum()
+        return self._density(self._precision(self._factor()), mean, var)
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Factor the prior once for the current hyperparameters: until the next ``freeze``,
         :meth:`frozen_expected_log_prob` costs ``O(n m + sum_o n_o^2)`` and differentiates only
         through the codes (used for all the steps between two hyperparameter updates)."""
-        f = self._factor()
-        a = f["a"]
-        e, p, width, m = a.shape
-        cinv = torch.cholesky_inverse(f["lc"])
-        dinv = torch.cholesky_inverse(f["ld"])
-        ac = (a.reshape(e, p * width, m) @ cinv).reshape(a.shape)
-        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
-        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
-        self._frozen = {"dinv": dinv, "vb": f["vb"], "cinv": cinv, "logdet": logdet,
-                        "diag": torch.diagonal(dinv, dim1=-2, dim2=-1) - (ac * a).sum(-1)}
+        self._frozen = self._precision(self._factor())
 
     def frozen_expected_log_prob(self, mean: Tensor, var: Tensor) -> Tensor:
         """:meth:`expected_log_prob` at the hyperparameters of the last :meth:`freeze`."""
-        c = self._frozen
-        mu = self._pad(mean)
-        dmu = torch.einsum("epbc,epc->epb", c["dinv"], mu)
-        t = torch.einsum("epbm,epb->em", c["vb"], dmu)
-        quad = (mu * dmu).sum((1, 2)) - torch.einsum("em,emk,ek->e", t, c["cinv"], t)
-        trace = (c["diag"] * self._pad(var)).sum((1, 2))
-        n = self.tau.shape[0]
-        return (-0.5 * (n * LOG_2PI + c["logdet"] + quad + trace)).sum()
+        return self._density(self._frozen, mean, var)
 
     # -- predictive -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -244,25 +232,19 @@ class SparseLocalizedGP(nn.Module):
         """Cache what the predictive needs given the training codes' posterior means ``(n, e)``.
         Costs one factorization; each later prediction is ``O(m^2 + B m + B^2)``."""
         f = self._factor()
-        e, p, width, m = f["a"].shape
-        mu = self._pad(mean)[..., None]
-        dmu = torch.cholesky_solve(mu, f["ld"])
-        t = torch.einsum("epbm,epbo->em", f["vb"], dmu)
-        ct = torch.cholesky_solve(t[..., None], f["lc"])[..., 0]
-        alpha = (dmu[..., 0] - torch.einsum("epbm,em->epb", f["a"], ct)) * self.block_mask
-        cinv = torch.cholesky_inverse(f["lc"])
-        a_flat = f["a"].reshape(e, p * width, m)
-        ac = (a_flat @ cinv).reshape(e, p, width, m)  # Sigma^-1 U restricted to each block
-        dinv = torch.cholesky_inverse(f["ld"])
-        s_rr = dinv - ac @ f["a"].transpose(-1, -2)  # Sigma^-1 diagonal blocks
+        c = self._precision(f)
+        m = c["cinv"].shape[-1]
+        dmu = torch.einsum("epbc,epc->epb", c["dinv"], self._pad(mean))
+        t = torch.einsum("epbm,epb->em", c["vb"], dmu)
+        alpha = (dmu - torch.einsum("epbm,em->epb", c["ac"], t)) * self.block_mask
         self._cache = {
             "lpp": f["lpp"],
             "alpha": alpha,  # Sigma^-1 mu, padded
-            "v_alpha": torch.einsum("epbm,epb->em", f["vb"], alpha),  # V Sigma^-1 mu
-            "m_mat": torch.eye(m, dtype=torch.float64) - cinv,  # V Sigma^-1 V^T
-            "p_blocks": ac,  # (V Sigma^-1)^T per block
-            "s_rr": s_rr,
-            "vb": f["vb"],
+            "v_alpha": torch.einsum("epbm,epb->em", c["vb"], alpha),  # V Sigma^-1 mu
+            "m_mat": torch.eye(m, dtype=torch.float64) - c["cinv"],  # V Sigma^-1 V^T
+            "p_blocks": c["ac"],  # (V Sigma^-1)^T per block
+            "s_rr": c["dinv"] - c["ac"] @ c["a"].transpose(-1, -2),  # Sigma^-1 diagonal blocks
+            "vb": c["vb"],
         }
 
     @property
