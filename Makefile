@@ -14,7 +14,7 @@ FLWR_ENV := FLWR_HOME=$(CURDIR)/.flwr FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATI
 DEVICES ?= 25
 RUN_CONFIG ?=
 
-.PHONY: install test test-fast demo sine clean
+.PHONY: install test test-fast demo bench bench-sine bench-mnist bench-movielens clean
 
 install: $(STAMP)
 
@@ -42,9 +42,11 @@ demo: $(STAMP)
 		--run-config "store='$(CURDIR)/runs/store' $(RUN_CONFIG)"; \
 	status=$$?; pkill -f "[f]lower-superlink.*$(CURDIR)/.flwr" || true; exit $$status
 
-# Table 1 and Fig. 2 on one machine (no Flower): writes runs/sine/.
-sine: $(STAMP)
-	$(VENV)/bin/fedfuse sine --out runs/sine
+# Tables 1-3 on one machine (no Flower), 3 seeds each: writes runs/bench/{sine,mnist,movielens}/.
+bench: bench-sine bench-mnist bench-movielens
+
+bench-sine bench-mnist bench-movielens: bench-%: $(STAMP)
+	$(VENV)/bin/fedfuse bench $* --out runs/bench/$*
 
 clean:
 	rm -rf $(VENV) runs .flwr .pytest_cache

@@ -59,6 +59,7 @@ class MetaModel:
         steps_per_round: int = 250,
         gp_steps: int = 10,
         lr: float = 3e-3,
+        gp_lr: float = 0.05,
         batch_size: int = 256,
         code_samples: int = 4,
         refine_weight: float = 1.0,
@@ -80,6 +81,7 @@ class MetaModel:
         self.steps_per_round = steps_per_round
         self.gp_steps = gp_steps
         self.lr = lr
+        self.gp_lr = gp_lr
         self.batch_size = batch_size
         self.code_samples = code_samples
         self.refine_weight = refine_weight
@@ -91,7 +93,7 @@ class MetaModel:
 
     _SETTINGS = (
         "code_dim", "base_dim", "hidden", "num_inducing", "block_size", "exact_gp", "align",
-        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "batch_size", "code_samples", "refine_weight", "tol",
+        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "gp_lr", "batch_size", "code_samples", "refine_weight", "tol",
         "seed", "chunk_size",
     )
 
@@ -144,7 +146,9 @@ class MetaModel:
         params = [*self.decoder_.parameters(), *self.codes_.parameters(),
                   *self.base_.parameters(), self.log_alpha_]
         opt = torch.optim.Adam(params, lr=self.lr)
-        gp_opt = torch.optim.Adam(self.gp_.parameters(), lr=self.lr)
+        # the hyperparameters need far larger steps than the decoder: at ``lr`` they barely
+        # leave their initial lengthscale and the predictive mean shrinks to the zoo average
+        gp_opt = torch.optim.Adam(self.gp_.parameters(), lr=self.gp_lr)
         gen = torch.Generator().manual_seed(self.seed)
 
         self.history_: list[dict[str, float]] = []

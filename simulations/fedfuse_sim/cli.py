@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -12,40 +13,69 @@ app = typer.Typer(help="fedfuse: fuse independently trained models into personal
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 
 
-def _parse_shots(text: str) -> tuple[int, ...]:
+bench_app = typer.Typer(help="Reproduce the paper's tables on this machine: results.csv, table.md "
+                             "(mean ± std next to the paper), summary.json and plots in --out.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        shots = tuple(int(s) for s in text.split(",") if s.strip())
+        values = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError as exc:
-        raise typer.BadParameter(f"shots must be comma-separated integers, got {text!r}") from exc
-    if not shots or min(shots) < 0:
-        raise typer.BadParameter("shots must be non-negative integers")
-    return shots
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 0:
+        raise typer.BadParameter(f"{what} must be non-negative integers")
+    return values
 
 
-@app.command()
-def sine(
-    out: Path = typer.Option(Path("runs/sine"), help="folder for results, plots and the model"),
-    train_tasks: int = typer.Option(200, min=2, help="pre-trained models in the zoo"),
-    test_tasks: int = typer.Option(100, min=1, help="unseen tasks to personalize"),
-    shots: str = typer.Option("0,10,20,30,40", help="fine-tuning shots per test task"),
-    seed: int = typer.Option(0),
-    quick: bool = typer.Option(False, "--quick", help="reduced size for smoke tests"),
-    threads: int = typer.Option(2, min=1, help="torch threads"),
-) -> None:
-    """Table 1 and Fig. 2: ours vs no-alignment vs cold-start on the sine benchmark."""
-    from fedfuse_sim import sine as sine_bench
-
+def _bench(name: str, config_cls: Any, run: Any, out: Path | None, smoke: bool, seeds: str | None,
+           threads: int, shots: str | None = None) -> None:
     torch.set_num_threads(threads)
-    cfg = sine_bench.SineConfig.quick(seed) if quick else sine_bench.SineConfig(seed=seed)
-    if not quick:
-        cfg.n_train, cfg.n_test = train_tasks, test_tasks
-    cfg.shots = _parse_shots(shots) if not quick else cfg.shots
-    result = sine_bench.run(out, cfg, progress=True)
-    t = result["timings"]
-    typer.echo(f"fit {t['fit_s']:.1f}s (no-align {t['fit_no_align_s']:.1f}s), "
-               f"peak RSS {result['peak_rss_mb']['after_fit']:.0f} MB, "
-               f"model file {result['model_file_mb']:.2f} MB")
-    typer.echo(f"wrote {out}/results.csv, summary.json, table.md, sine_fig2.png, fit_history.png")
+    cfg = config_cls.smoke() if smoke else config_cls()
+    if seeds is not None:
+        cfg.seeds = _parse_ints(seeds, "seeds")
+    if shots is not None:
+        cfg.shots = _parse_ints(shots, "shots")
+    out = out or Path("runs") / "bench" / (f"{name}-smoke" if smoke else name)
+    run(out, cfg, progress=True)
+    typer.echo(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
+
+
+OUT = typer.Option(None, help="folder for results (default runs/bench/NAME[-smoke])")
+SMOKE = typer.Option(False, "--smoke", help="the reduced size CI runs (same code path)")
+SEEDS = typer.Option(None, help="comma-separated seeds (default 0,1,2; smoke: 0)")
+THREADS = typer.Option(2, min=1, help="torch threads")
+
+
+@bench_app.command("sine")
+def bench_sine(out: Path | None = OUT, smoke: bool = SMOKE, seeds: str | None = SEEDS,
+               shots: str | None = typer.Option(None, help="fine-tuning shots (default 0,10,20,30,40)"),
+               threads: int = THREADS) -> None:
+    """Table 1 and Fig. 2: ours, no-align, cold-start, 1-NN, zoo average, MAML [1-100-1] and
+    [1-40-40-1] on the sine tasks (nRMSE)."""
+    from fedfuse_sim import sine as bench
+
+    _bench("sine", bench.SineConfig, bench.run, out, smoke, seeds, threads, shots)
+
+
+@bench_app.command("mnist")
+def bench_mnist(out: Path | None = OUT, smoke: bool = SMOKE, seeds: str | None = SEEDS,
+                shots: str | None = typer.Option(None, help="shots per digit (default 0,1,10)"),
+                threads: int = THREADS) -> None:
+    """Table 2: K-subset digit classifiers [784-100-10], K = 2..5 (K-way accuracy)."""
+    from fedfuse_sim import mnist as bench
+
+    _bench("mnist", bench.MnistConfig, bench.run, out, smoke, seeds, threads, shots)
+
+
+@bench_app.command("movielens")
+def bench_movielens(out: Path | None = OUT, smoke: bool = SMOKE, seeds: str | None = SEEDS,
+                    threads: int = THREADS) -> None:
+    """Table 3: 0-shot user embeddings (20/30/40 dims) for unseen MovieLens 100K users (RMSE)."""
+    from fedfuse_sim import movielens as bench
+
+    _bench("movielens", bench.MovieLensConfig, bench.run, out, smoke, seeds, threads)
 
 
 deploy_app = typer.Typer(help="Run a real deployment on this machine: SuperLink and SuperNodes as "

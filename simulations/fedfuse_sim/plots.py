@@ -46,3 +46,55 @@ def fit_history_figure(path: Path, histories: dict[str, list[dict[str, float]]])
 
 
 
+
+
+def accuracy_by_shots(path: Path, summary: dict[str, dict[str, tuple[float, float]]],
+                      ks: tuple[int, ...], shots: tuple[int, ...],
+                      paper: dict[str, dict[str, float]] | None = None) -> None:
+    """One panel per K: mean accuracy (± std band) versus shots per digit for every method;
+    the paper's "ours" as black crosses."""
+    fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.3), squeeze=False, sharey=True)
+    for ax, K in zip(axes[0], ks):
+        for method, by_col in summary.items():
+            pts = [(k, *by_col[f"K={K} {k}-shot"]) for k in shots if f"K={K} {k}-shot" in by_col]
+            if not pts:
+                continue
+            xs, mean, std = zip(*pts)
+            line, = ax.plot(xs, mean, marker="o", lw=1.5, label=method)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.12)
+        ref = [(k, (paper or {}).get("ours", {}).get(f"K={K} {k}-shot")) for k in shots]
+        ref = [(k, v) for k, v in ref if v is not None]
+        if ref:
+            ax.scatter(*zip(*ref), marker="x", color="black", zorder=5, label="paper: ours")
+        ax.axhline(100 / K, color="gray", lw=0.8, ls=":")
+        ax.set(title=f"K = {K}", xlabel="shots per digit", xticks=list(shots))
+    axes[0][0].set_ylabel("K-way accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grouped_bars(path: Path, summary: dict[str, dict[str, tuple[float, float]]], columns: list[str],
+                 ylabel: str, paper: dict[str, dict[str, float]] | None = None) -> None:
+    """One group of bars per column (± std), one bar per method; the paper's value for the same
+    method as a black tick on its bar."""
+    methods = list(summary)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns) * len(methods) / 3, 3.4))
+    for j, method in enumerate(methods):
+        xs = [c + (j - (len(methods) - 1) / 2) * width for c in range(len(columns))]
+        vals = [summary[method].get(col, (float("nan"), 0.0)) for col in columns]
+        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=2, label=method)
+        ref = (paper or {}).get(method, {})
+        pts = [(x, ref[col]) for x, col in zip(xs, columns) if col in ref]
+        if pts:
+            ax.scatter(*zip(*pts), marker="_", s=200, color="black", zorder=5)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_ylabel(ylabel)
+    ax.set_title("bars: measured; black ticks: the paper", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

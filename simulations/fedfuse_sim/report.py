@@ -1,10 +1,15 @@
-"""Result tables: per-task scores to CSV, mean +- std summaries to JSON, markdown and the terminal."""
+"""Result tables: per-task scores to CSV, mean +- std summaries to JSON, markdown and the terminal.
+
+A summary is ``{method: {column: (mean, std)}}``; a column is a label such as ``"10-shot"`` or
+``"K=3 1-shot"``. Means and standard deviations run over every test task of every seed.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +17,38 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+Summary = dict[str, dict[str, tuple[float, float]]]
 
-def summarize(rows: list[dict[str, Any]], metric: str) -> dict[str, dict[int, tuple[float, float]]]:
-    """``{method: {shots: (mean, std)}}`` over the per-task rows."""
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+
+def shot_column(row: dict[str, Any]) -> str:
+    return f"{row['shots']}-shot"
+
+
+def summarize(rows: list[dict[str, Any]], metric: str,
+              column: Callable[[dict[str, Any]], str] = shot_column) -> Summary:
+    """``{method: {column: (mean, std)}}`` over the per-task rows (methods in first-seen order)."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], int(r["shots"]))].append(float(r[metric]))
-    out: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
-    for (method, shots), vals in groups.items():
-        out[method][shots] = (float(np.mean(vals)), float(np.std(vals)))
-    return dict(out)
+        groups[(r["method"], column(r))].append(float(r[metric]))
+    out: Summary = {}
+    for (method, col), vals in groups.items():
+        out.setdefault(method, {})[col] = (float(np.mean(vals)), float(np.std(vals)))
+    return out
+
+
+def seed_spread(rows: list[dict[str, Any]], metric: str,
+                column: Callable[[dict[str, Any]], str] = shot_column) -> Summary:
+    """``{method: {column: (mean, std)}}`` of the per-seed means: how much a rerun moves."""
+    per_seed: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        per_seed[(r["method"], column(r), int(r["seed"]))].append(float(r[metric]))
+    means: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (method, col, _), vals in per_seed.items():
+        means[(method, col)].append(float(np.mean(vals)))
+    out: Summary = {}
+    for (method, col), vals in means.items():
+        out.setdefault(method, {})[col] = (float(np.mean(vals)), float(np.std(vals)))
+    return out
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -31,30 +58,54 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def markdown_table(summary: dict[str, dict[int, tuple[float, float]]], shots: list[int],
-                   paper: dict[str, list[float]] | None = None, digits: int = 3) -> str:
-    head = "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |"
-    lines = [head, "|---" * (len(shots) + 1) + "|"]
-    for method, by_shots in summary.items():
-        cells = [f"{by_shots[k][0]:.{digits}f} ± {by_shots[k][1]:.{digits}f}" if k in by_shots else "—"
-                 for k in shots]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+def _cell(by_col: dict[str, tuple[float, float]], col: str, digits: int) -> str:
+    if col not in by_col:
+        return "—"
+    mean, std = by_col[col]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(summary: Summary, columns: list[str],
+                   paper: dict[str, dict[str, float]] | None = None, digits: int = 3) -> str:
+    """Measured rows, then the paper's rows (``paper: method``) for the columns it reports."""
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, by_col in summary.items():
+        lines.append(f"| {method} | " + " | ".join(_cell(by_col, c, digits) for c in columns) + " |")
     for method, vals in (paper or {}).items():
-        lines.append(f"| paper: {method} | " + " | ".join(f"{v:.{digits}f}" for v in vals) + " |")
+        cells = [f"{vals[c]:.{digits}f}" if c in vals else "—" for c in columns]
+        lines.append(f"| paper: {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def print_table(summary: dict[str, dict[int, tuple[float, float]]], shots: list[int], title: str,
-                digits: int = 3) -> None:
+def print_table(summary: Summary, columns: list[str], title: str, digits: int = 3) -> None:
     table = Table(title=title)
     table.add_column("method")
-    for k in shots:
-        table.add_column(f"{k}-shot", justify="right")
-    for method, by_shots in summary.items():
-        table.add_row(method, *[f"{by_shots[k][0]:.{digits}f} ± {by_shots[k][1]:.{digits}f}"
-                                if k in by_shots else "—" for k in shots])
+    for c in columns:
+        table.add_column(c, justify="right")
+    for method, by_col in summary.items():
+        table.add_row(method, *[_cell(by_col, c, digits) for c in columns])
     Console().print(table)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def finish(out: Path, rows: list[dict[str, Any]], metric: str, columns: list[str],
+           paper: dict[str, dict[str, float]], title: str, extra: dict[str, Any],
+           column: Callable[[dict[str, Any]], str] = shot_column, digits: int = 3,
+           progress: bool = True) -> dict[str, Any]:
+    """Write ``results.csv``, ``table.md`` and ``summary.json``; print the table."""
+    summary = summarize(rows, metric, column)
+    write_rows(out / "results.csv", rows)
+    notes = extra.get("notes", [])
+    table = markdown_table(summary, columns, paper, digits)
+    (out / "table.md").write_text(f"{title}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
+    result = {"metric": metric, "summary": summary, "seed_spread": seed_spread(rows, metric, column),
+              "paper": paper, **extra}
+    write_json(out / "summary.json", result)
+    if progress:
+        print_table(summary, columns, title, digits)
+        for n in notes:
+            Console().print(n)
+    return result

@@ -70,12 +70,19 @@ def shots_per_digit(task: DigitTask, images: Tensor, labels: Tensor, k: int, see
 def pretrain(tasks: list[DigitTask], images: Tensor, labels: Tensor, seed: int,
              per_task: int = 1000, steps: int = 300) -> Tensor:
     """Each device: its own random init, trained on its own ``per_task`` images."""
-    gen = torch.Generator().manual_seed(seed)
-    init = SPEC.init(len(tasks), gen)
-    data = [task_data(t, images, labels, per_task, seed + i) for i, t in enumerate(tasks)]
-    x = torch.stack([d[0] for d in data])
-    y = torch.stack([d[1] for d in data])
-    return finetune(SPEC, init, x, y, steps=steps, lr=1e-3, loss="ce")
+    pools = [task_data(t, images, labels, per_task, seed + i) for i, t in enumerate(tasks)]
+    return pretrain_on(pools, seed, steps)
+
+
+def pretrain_on(pools: list[tuple[Tensor, Tensor]], seed: int, steps: int = 300,
+                batch_size: int = 100, progress: bool = False) -> Tensor:
+    """Train one net per device's own ``(images, labels)`` (equal sizes), each from its own
+    init, with minibatch Adam as a device would."""
+    init = SPEC.init(len(pools), torch.Generator().manual_seed(seed))
+    x = torch.stack([p[0] for p in pools])
+    y = torch.stack([p[1] for p in pools])
+    return finetune(SPEC, init, x, y, steps=steps, lr=1e-3, loss="ce", batch_size=batch_size,
+                    seed=seed, progress=progress)
 
 
 def accuracy(weights: Tensor, tasks: list[DigitTask], images: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,152 @@
+"""MovieLens 100K cold-start users (Table 3): a user's model is its own embedding vector.
+
+300 of the 1,682 items are *context* items: a user's ratings on them are its metadata, embedded
+as the descriptor. 800 users are *seen*: a vanilla CF on their ratings of the other 1,382 items
+publishes item embeddings; each seen device then fits its own embedding against them (ridge on
+its own ratings) and uploads it once. The other 143 users are *unseen*; they are scored on half
+of their non-context ratings (the other half only an oracle may use).
+
+Ratings are predicted as ``mu + b_i + u . [v_i, 1]``: the last coordinate of the d-dim user
+embedding ``u`` is the user's bias, so a user model is exactly ``d`` numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedfuse.datasets import Ratings
+from fedfuse.layout import MLPSpec
+
+
+def spec(dim: int) -> MLPSpec:
+    """A user model: a bare vector (no hidden units, hence nothing to align)."""
+    return MLPSpec((dim,), activation="none")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Who and what is seen: index tensors into users and items, and rating masks."""
+
+    context: Tensor          # (300,) context item ids
+    seen: Tensor             # (800,) seen user ids
+    unseen: Tensor           # (143,) unseen user ids
+    is_context: Tensor       # (R,) rating is on a context item
+    is_seen: Tensor          # (R,) rating is by a seen user
+    is_test: Tensor          # (R,) held-out non-context rating of an unseen user
+
+    def public_cf(self) -> Tensor:
+        """Ratings the public CF and the seen devices train on."""
+        return self.is_seen & ~self.is_context
+
+    def cold_start_cf(self) -> Tensor:
+        """All but the unseen users' non-context ratings: a plain CF for a new user who has
+        rated only context items."""
+        return ~(~self.is_seen & ~self.is_context)
+
+    def oracle_cf(self) -> Tensor:
+        """Everything except the held-out test ratings."""
+        return ~self.is_test
+
+
+def split(ratings: Ratings, seed: int, n_context: int = 300, n_unseen: int = 143,
+          test_fraction: float = 0.5) -> Split:
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randperm(ratings.num_items, generator=gen)[:n_context].sort().values
+    users = torch.randperm(ratings.num_users, generator=gen)
+    unseen, seen = users[:n_unseen].sort().values, users[n_unseen:].sort().values
+    is_context = torch.isin(ratings.item, context)
+    is_seen = torch.isin(ratings.user, seen)
+    candidates = ~is_seen & ~is_context
+    is_test = candidates & (torch.rand(len(ratings.rating), generator=gen) < test_fraction)
+    return Split(context, seen, unseen, is_context, is_seen, is_test)
+
+
+def context_matrix(ratings: Ratings, sp: Split) -> Tensor:
+    """``(num_users, n_context)``: centered context ratings, 0 where a user rated nothing."""
+    m = sp.is_context
+    col = torch.full((ratings.num_items,), -1, dtype=torch.long)
+    col[sp.context] = torch.arange(len(sp.context))
+    mu = ratings.rating[m].mean()
+    out = torch.zeros(ratings.num_users, len(sp.context))
+    out[ratings.user[m], col[ratings.item[m]]] = ratings.rating[m] - mu
+    return out
+
+
+def descriptors(ratings: Ratings, sp: Split, dim: int = 10) -> Tensor:
+    """Each user's descriptor from its context ratings only: its mean centered rating, its
+    number of ratings (log) and the top ``dim`` principal components of the centered rating
+    matrix, fitted on the seen users (what the server holds)."""
+    c = context_matrix(ratings, sp)
+    rated = (c != 0).float().sum(1)
+    mean = c.sum(1) / rated.clamp_min(1)
+    seen = c[sp.seen]
+    center = seen.mean(0)
+    _, _, v = torch.linalg.svd(seen - center, full_matrices=False)
+    pcs = (c - center) @ v[:dim].T
+    return torch.cat([mean[:, None], torch.log1p(rated)[:, None], pcs], dim=1)
+
+
+def ridge(rows: Tensor, feats: Tensor, target: Tensor, n_rows: int, reg: float,
+          chunk: int = 20000) -> Tensor:
+    """Per row r: ``argmin_w sum_{j: rows_j = r} (feats_j . w - target_j)^2 + reg |w|^2``,
+    all rows at once (Gram matrices accumulated in chunks, one batched solve)."""
+    p = feats.shape[1]
+    gram = torch.zeros(n_rows, p, p, dtype=torch.float64)
+    rhs = torch.zeros(n_rows, p, dtype=torch.float64)
+    for s in range(0, len(rows), chunk):
+        f = feats[s : s + chunk].double()
+        gram.index_add_(0, rows[s : s + chunk], f[:, :, None] * f[:, None, :])
+        rhs.index_add_(0, rows[s : s + chunk], f * target[s : s + chunk, None].double())
+    gram += reg * torch.eye(p, dtype=torch.float64)
+    return torch.linalg.solve(gram, rhs).float()
+
+
+@dataclass(frozen=True)
+class ItemModel:
+    """The public side of the CF: global mean, item biases and item embeddings."""
+
+    mu: float
+    bias: Tensor     # (num_items,)
+    embed: Tensor    # (num_items, dim - 1)
+
+    def features(self, items: Tensor) -> Tensor:
+        return torch.cat([self.embed[items], torch.ones(len(items), 1)], dim=1)
+
+    def predict(self, users: Tensor, items: Tensor) -> Tensor:
+        """Predicted ratings for embeddings ``users`` ``(R, d)`` on ``items`` ``(R,)``."""
+        return self.mu + self.bias[items] + (users * self.features(items)).sum(1)
+
+    def fit_users(self, ratings: Ratings, mask: Tensor, reg: float) -> Tensor:
+        """Every user's embedding from its own ratings in ``mask`` (a device's local training);
+        a user without any gets zeros."""
+        u, i, r = ratings.user[mask], ratings.item[mask], ratings.rating[mask]
+        return ridge(u, self.features(i), r - self.mu - self.bias[i], ratings.num_users, reg)
+
+
+def als(ratings: Ratings, mask: Tensor, dim: int, reg: float = 5.0, iters: int = 15,
+        seed: int = 0) -> tuple[ItemModel, Tensor]:
+    """Alternating ridge regressions on the ratings in ``mask`` (a vanilla biased CF)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, i, r = ratings.user[mask], ratings.item[mask], ratings.rating[mask]
+    mu = float(r.mean())
+    items = ItemModel(mu, torch.zeros(ratings.num_items), 0.1 * torch.randn(ratings.num_items, dim - 1, generator=gen))
+    for _ in range(iters):
+        users = items.fit_users(ratings, mask, reg)
+        g = torch.cat([users[u, : dim - 1], torch.ones(len(u), 1)], dim=1)
+        sol = ridge(i, g, r - mu - users[u, dim - 1], ratings.num_items, reg)
+        items = ItemModel(mu, sol[:, -1], sol[:, :-1])
+    return items, items.fit_users(ratings, mask, reg)
+
+
+def user_rmse(items: ItemModel, users: Tensor, ratings: Ratings, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-user RMSE over the ratings in ``mask``: ``(user ids, rmse)``; ``users`` is indexed by
+    user id, ``(num_users, d)``."""
+    u, i, r = ratings.user[mask], ratings.item[mask], ratings.rating[mask]
+    err = (items.predict(users[u], i) - r) ** 2
+    ids, inv = torch.unique(u, return_inverse=True)
+    sse = torch.zeros(len(ids)).index_add_(0, inv, err)
+    cnt = torch.zeros(len(ids)).index_add_(0, inv, torch.ones_like(err))
+    return ids, (sse / cnt).sqrt()
