@@ -168,11 +168,7 @@ def run(out: Path, cfg: MnistConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     x_train, y_train = load_mnist("train")
     x_test, y_test = load_mnist("test")
-    rows, per_seed = [], {}
-    for seed in cfg.seeds:
-        seed_rows, extra = run_seed(cfg, seed, (x_train, y_train, x_test, y_test), progress)
-        rows += seed_rows
-        per_seed[str(seed)] = extra
+    rows, per_seed = report.over_seeds(cfg.seeds, lambda seed: run_seed(cfg, seed, (x_train, y_train, x_test, y_test), progress))
     columns = [f"K={K} {k}-shot" for K in mnist.KS for k in cfg.shots]
     paper = {m: {f"K={K} {k}-shot": v for K, vals in by_k.items() for k, v in zip(SHOTS, vals)
                  if v is not None} for m, by_k in PAPER.items()}

@@ -99,11 +99,7 @@ def run(out: Path, cfg: MovieLensConfig, progress: bool = True) -> dict[str, Any
     ``movielens_rmse.png``."""
     out.mkdir(parents=True, exist_ok=True)
     ratings = load_movielens_100k()
-    rows, per_seed = [], {}
-    for seed in cfg.seeds:
-        seed_rows, extra = run_seed(cfg, seed, ratings, progress)
-        rows += seed_rows
-        per_seed[str(seed)] = extra
+    rows, per_seed = report.over_seeds(cfg.seeds, lambda seed: run_seed(cfg, seed, ratings, progress))
     columns = [f"{d}-dim" for d in cfg.dims]
     paper = {m: {f"{d}-dim": v for d, v in zip(DIMS, vals)} for m, vals in PAPER.items()}
     title = (f"MovieLens 100K: RMSE of unseen users, mean ± std over {cfg.n_unseen} users × "

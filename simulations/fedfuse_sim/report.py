@@ -51,6 +51,16 @@ def seed_spread(rows: list[dict[str, Any]], metric: str,
     return out
 
 
+def over_seeds(seeds: tuple[int, ...], run_seed: Callable[[int], tuple[list[dict[str, Any]], dict[str, Any]]]
+               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Run one benchmark seed after another: all rows, and each seed's extras by seed."""
+    rows, per_seed = [], {}
+    for seed in seeds:
+        seed_rows, per_seed[str(seed)] = run_seed(seed)
+        rows += seed_rows
+    return rows, per_seed
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -190,11 +190,7 @@ def run(out: Path, cfg: SineConfig, progress: bool = True) -> dict[str, Any]:
     """Every seed; writes ``results.csv``, ``summary.json``, ``table.md``, ``sine_fig2.png``,
     ``fit_history.png`` and each seed's fitted ``meta_model_seed{s}.safetensors``."""
     out.mkdir(parents=True, exist_ok=True)
-    rows, per_seed = [], {}
-    for seed in cfg.seeds:
-        seed_rows, extra = run_seed(out, cfg, seed, progress)
-        rows += seed_rows
-        per_seed[str(seed)] = extra
+    rows, per_seed = report.over_seeds(cfg.seeds, lambda seed: run_seed(out, cfg, seed, progress))
     columns = [f"{k}-shot" for k in cfg.shots]
     paper = {m: {f"{k}-shot": v for k, v in zip(SHOTS, vals)} for m, vals in PAPER.items()}
     title = (f"Sine nRMSE, mean ± std over {cfg.n_test} test tasks × {len(cfg.seeds)} seeds "
