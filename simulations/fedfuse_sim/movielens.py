@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedfuse.datasets import load_movielens_100k
+from fedfuse.datasets import Ratings, load_movielens_100k
 from fedfuse.meta_model import MetaModel
 from fedfuse.progress import progress_bar
 from fedfuse.tasks import movielens as ml
@@ -55,7 +55,7 @@ def column(row: dict[str, Any]) -> str:
     return f"{row['dim']}-dim"
 
 
-def run_seed(cfg: MovieLensConfig, seed: int, ratings: Any, progress: bool
+def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     torch.manual_seed(seed)
     sp = ml.split(ratings, seed, cfg.n_context, cfg.n_unseen)
