@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +95,19 @@ def fit_maml(spec: MLPSpec, train: sine.SineTasks, cfg: SineConfig, seed: int,
     return baselines.MAML(spec, meta_steps=cfg.maml_steps, seed=seed, progress=progress).fit(episodes)
 
 
-def evaluate(inits: dict[str, tuple[MLPSpec, Tensor]], test: sine.SineTasks, cfg: SineConfig,
-             seed: int, progress: bool) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Tensor]]:
-    """Fine-tune every method's initializers on the same k shots; score nRMSE per task."""
+# a method's local adaptation: k-shot inputs and targets -> fine-tuned weights
+Tuner = tuple[MLPSpec, Callable[[Tensor, Tensor], Tensor]]
+
+
+def evaluate(tuners: dict[str, Tuner], test: sine.SineTasks, cfg: SineConfig, seed: int,
+             progress: bool) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Tensor]]:
+    """Adapt every method on the same k shots; score nRMSE per task."""
     rows, tuned = [], {}
-    with progress_bar(progress, "fine-tuning", total=len(inits) * len(cfg.shots)) as bar:
+    with progress_bar(progress, "fine-tuning", total=len(tuners) * len(cfg.shots)) as bar:
         for k in cfg.shots:
             x = sine.sample_x(len(test), k, seed + 1000 + k)
-            for method, (spec, init) in inits.items():
-                w = finetune(spec, init, x, test(x), cfg.finetune_steps, cfg.finetune_lr)
+            for method, (spec, tune) in tuners.items():
+                w = tune(x, test(x))
                 tuned[(method, k)] = w
                 for i, score in enumerate(sine.nrmse(spec, w, test).tolist()):
                     rows.append({"seed": seed, "method": method, "shots": k, "task": i,
@@ -147,14 +153,11 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
         "1-NN": (sine.SPEC, baselines.nearest_neighbour(zoo.tau, zoo.weights, test.tau)),
         "zoo average": (sine.SPEC, baselines.zoo_average(zoo.weights, n)),
     } | {name: (MAML_SPECS[name], m.init(n)) for name, m in mamls.items()}
-    rows, tuned = evaluate(inits, test, cfg, seed, progress)
-    for name, m in mamls.items():  # MAML as Finn et al. test it: its own SGD steps
-        for k in cfg.shots:
-            x = sine.sample_x(n, k, seed + 1000 + k)
-            w = m.finetune(x, test(x), cfg.maml_test_steps)
-            rows += [{"seed": seed, "method": f"{name}, own SGD", "shots": k, "task": i,
-                      "domain": int(test.domain[i]), "a": float(test.a[i]), "b": float(test.b[i]),
-                      "nrmse": score} for i, score in enumerate(sine.nrmse(MAML_SPECS[name], w, test).tolist())]
+    tuners = {m: (spec, partial(finetune, spec, init, steps=cfg.finetune_steps, lr=cfg.finetune_lr))
+              for m, (spec, init) in inits.items()}
+    tuners |= {f"{name}, own SGD": (MAML_SPECS[name], partial(m.finetune, steps=cfg.maml_test_steps))
+               for name, m in mamls.items()}  # MAML as Finn et al. test it: its own SGD steps
+    rows, tuned = evaluate(tuners, test, cfg, seed, progress)
     if seed == cfg.seeds[0]:
         draw_figures(out, cfg, seed, test, inits, tuned, {"ours": ours.history_, "no-align": no_align.history_})
     extra = {"timings": timings,
