@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
-from fedfuse.finetune import finetune
+from fedfuse.finetune import condition_readout, finetune
 from fedfuse.runconfig import RunConfig
 from fedfuse_client.data import LocalData, local_data
 
@@ -38,13 +38,18 @@ def upload_content(data: LocalData, cfg: RunConfig) -> RecordDict:
 
 
 def personalize_content(msg: Message, data: LocalData, cfg: RunConfig) -> RecordDict:
-    """Fine-tune the initializer on the local shots; report scores on held-back examples,
-    next to a cold start fine-tuned the same way (the device's own baseline)."""
-    init = torch.from_numpy(msg.content[wire.INIT][wire.FLAT].numpy()).float()[None]
+    """Adapt the initializer to the local shots (conditioning its readout under the prior the
+    server sent, or plain fine-tuning without one); report scores on held-back examples, next to
+    a cold start fine-tuned locally (the device's own baseline)."""
+    arrays = {k: v.numpy() for k, v in msg.content[wire.INIT].items()}
+    init = torch.from_numpy(arrays[wire.FLAT]).float()[None]
+    data.spec.check_flat(init)
     gen = torch.Generator().manual_seed(zlib.crc32(data.client_id.encode()))
     cold = data.spec.init(1, gen)
     x, y = data.x[None], data.y[None]
-    tuned = finetune(data.spec, init, x, y, cfg.finetune_steps, cfg.finetune_lr)
+    prior = wire.readout_prior(data.spec, init[0], arrays)
+    tuned = (finetune(data.spec, init, x, y, cfg.finetune_steps, cfg.finetune_lr) if prior is None
+             else condition_readout(data.spec, init, prior, x, y, "mse"))
     cold_tuned = finetune(data.spec, cold, x, y, cfg.finetune_steps, cfg.finetune_lr)
     metrics: dict[str, Any] = {
         "shots": int(data.x.shape[0]),

@@ -183,7 +183,7 @@ def personalize(grid: Grid, store: ModelStore, cfg: RunConfig, run: str) -> dict
     post = model.personalize(torch.tensor([t for _, _, t in targets]))
     msgs = [
         _request(node, wire.PERSONALIZE, MessageType.TRAIN,
-                 {wire.INIT: ArrayRecord({wire.FLAT: Array(post.mean[j].numpy())})})
+                 {wire.INIT: ArrayRecord({k: Array(v.numpy()) for k, v in wire.initializer_arrays(post, j).items()})})
         for j, (node, _, _) in enumerate(targets)
     ]
     by_node = {node: (cid, j) for j, (node, cid, _) in enumerate(targets)}

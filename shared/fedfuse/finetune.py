@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from fedfuse.layout import MLPSpec
+from fedfuse.posterior import ReadoutGaussian
 from fedfuse.progress import progress_bar
+from fedfuse.readout import design, set_readout
 
 
 def loss_fn(spec: MLPSpec, flat: Tensor, x: Tensor, y: Tensor, kind: str) -> Tensor:
@@ -56,3 +58,91 @@ def finetune(
             opt.step()
             bar.update()
     return flat.detach()
+
+
+# how strongly a device's shots may pull against the prior; each device picks by cross-validation
+STRENGTHS = {"mse": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "ce": (0.3, 1.0, 3.0, 10.0)}
+
+
+def _shot_loss(pred: Tensor, y: Tensor, loss: str) -> Tensor:
+    """Per-shot loss ``(q, k)``: squared error summed over outputs, or cross-entropy."""
+    if loss == "mse":
+        return ((pred - y) ** 2).sum(-1)
+    return torch.nn.functional.cross_entropy(pred.transpose(1, 2), y, reduction="none")
+
+
+def _map_readout(phi: Tensor, prior: ReadoutGaussian, y: Tensor, weight: Tensor, loss: str,
+                 scale: Tensor, max_iter: int) -> Tensor:
+    """MAP readouts ``(q, p)`` under the Gaussian prior given the shots weighted by ``weight``
+    ``(q, k)``; ``scale`` ``(q,)`` divides the data term (``2 noise`` for a Gaussian
+    likelihood, 1 for cross-entropy). L-BFGS in the prior's whitened coordinates."""
+    q, p = prior.loc.shape
+    h1 = phi.shape[-1]
+    loc, factor, diag = prior.loc.float(), prior.factor.float(), prior.diag.float()
+    z = torch.zeros(q, factor.shape[-1], requires_grad=True)
+    eta = torch.zeros(q, p, requires_grad=True)
+    opt = torch.optim.LBFGS([z, eta], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        opt.zero_grad()
+        readout = (loc + (factor @ z[..., None])[..., 0] + diag.sqrt() * eta).reshape(q, h1, -1)
+        data = (_shot_loss(phi @ readout, y, loss) * weight).sum(1) / scale
+        total = (data + 0.5 * (z**2).sum(1) + 0.5 * (eta**2).sum(1)).sum()
+        total.backward()
+        return total
+
+    opt.step(objective)
+    with torch.no_grad():
+        return loc + (factor @ z[..., None])[..., 0] + diag.sqrt() * eta
+
+
+def condition_readout(spec: MLPSpec, mean: Tensor, prior: ReadoutGaussian, x: Tensor, y: Tensor,
+                      loss: str = "mse", strengths: tuple[float, ...] | None = None,
+                      folds: int = 5, max_iter: int = 100) -> Tensor:
+    """The MAP readout of each network given its shots under the posterior's Gaussian readout
+    prior, hidden layers unchanged: ``(q, d)`` weights.
+
+    A device's few shots move the readout only along the directions the zoo says functions vary
+    in, and only as far as the prior allows; with fewer than 2 shots it returns ``mean``. The data term is
+    divided by a strength ``c`` (for ``mse``: the shots' noise variance is ``c`` times the prior's
+    predictive variance at them; for cross-entropy a temperature). Each device picks its own
+    ``c`` by cross-validation on its shots (refit without each of ``folds`` parts, predict
+    them), and keeps its initializer unless some ``c`` predicts its held-out shots better than
+    the initializer does: an update is never taken on faith. The problem is convex in the
+    readout (least squares or cross-entropy plus a Gaussian penalty).
+    """
+    k = x.shape[-2]
+    if k < 2:  # nothing to validate an update with
+        return mean.clone()
+    strengths = strengths or STRENGTHS[loss]
+    phi = design(spec, mean, x).float()  # (q, k, h + 1)
+    q, p = prior.loc.shape
+    h1 = phi.shape[-1]
+    out = p // h1
+    if loss == "mse":
+        f = prior.factor.float().reshape(q, h1, out, -1)
+        var = torch.einsum("qkh,qhcr->qkcr", phi, f).pow(2).sum(-1)
+        var = var + torch.einsum("qkh,qhc->qkc", phi**2, prior.diag.float().reshape(q, h1, out))
+        unit = 2 * var.mean((1, 2)).clamp_min(1e-12)
+    else:
+        unit = torch.ones(q)
+    with torch.no_grad():
+        best_err = _shot_loss(phi @ prior.loc.float().reshape(q, h1, out), y, loss).sum(1)
+    best = prior.loc.float().clone()
+    f = min(folds, k)
+    held = torch.arange(k)[None, :] % f == torch.arange(f)[:, None]  # (f, k)
+    rep = lambda t: t.repeat_interleave(f, 0)  # noqa: E731
+    cv_prior = ReadoutGaussian(rep(prior.loc), rep(prior.factor), rep(prior.diag))
+    for c in strengths:
+        scale = c * unit
+        cv = _map_readout(rep(phi), cv_prior, rep(y), (~held).float().repeat(q, 1), loss, rep(scale), max_iter)
+        with torch.no_grad():
+            err = _shot_loss(rep(phi) @ cv.reshape(q * f, h1, out), rep(y), loss) * held.repeat(q, 1)
+            err = err.reshape(q, f, k).sum((1, 2))
+        better = err < best_err
+        if better.any():
+            full = _map_readout(phi[better], ReadoutGaussian(prior.loc[better], prior.factor[better], prior.diag[better]),
+                                y[better], torch.ones(int(better.sum()), k), loss, scale[better], max_iter)
+            best[better] = full
+            best_err = torch.where(better, err, best_err)
+    return set_readout(spec, mean, best.reshape(q, h1, out))

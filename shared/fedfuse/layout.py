@@ -74,6 +74,10 @@ class MLPSpec:
         return self.offsets[-1] + _numel(self.shapes[-1])
 
     @property
+    def num_outputs(self) -> int:
+        return 1 if self.is_vector else self.sizes[-1]
+
+    @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return () if self.is_vector else self.sizes[1:-1]
 
@@ -114,10 +118,11 @@ class MLPSpec:
         """Evaluate the network(s) ``flat`` of shape ``(d,)`` or ``(n, d)`` on inputs ``x``.
 
         ``x`` is ``(N, in)`` (shared by all nets) or ``(n, N, in)`` (one input set per net).
-        Batched evaluation lets a whole zoo train or predict in one matmul per layer.
+        Batched evaluation lets a whole zoo train or predict in one matmul per layer. A bare
+        vector ``u`` computes ``x @ u`` (a user embedding rating items by their features).
         """
-        if self.is_vector:
-            raise ArchitectureError("a bare vector has no forward function")
+        if self.is_vector:  # a linear function of inputs of its own length (e.g. item features)
+            return x @ flat.unsqueeze(-1)
         params = self.unflatten(flat)
         act = ACTIVATIONS[self.activation]
         h = x
@@ -128,6 +133,30 @@ class MLPSpec:
             if li < n_layers - 1:
                 h = act(h)
         return h
+
+    def features(self, flat: Tensor, x: Tensor) -> Tensor:
+        """What the readout (the last linear layer) sees: the last hidden layer's activations
+        ``(n, N, h)`` (the inputs themselves when there is no hidden layer or for a vector)."""
+        if self.is_vector:
+            return x.expand(*flat.shape[:-1], *x.shape[-2:])
+        params = self.unflatten(flat)
+        act = ACTIVATIONS[self.activation]
+        h = x
+        for li in range(len(params) // 2 - 1):
+            h = act(h @ params[2 * li].transpose(-1, -2) + params[2 * li + 1].unsqueeze(-2))
+        return h
+
+    @cached_property
+    def readout_index(self) -> Tensor:
+        """Flat indices of the readout as a ``(h + 1, out)`` block: row ``j < h`` holds the
+        weights from feature ``j`` to every output, the last row the biases. A bare vector is
+        all readout: ``(d, 1)``."""
+        if self.is_vector:
+            return torch.arange(self.num_weights)[:, None]
+        out, fan_in = self.shapes[-2]
+        w = self.offsets[-2] + torch.arange(out * fan_in).view(out, fan_in).T
+        b = self.offsets[-1] + torch.arange(out)[None, :]
+        return torch.cat([w, b])
 
     def init(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` independent random initializations, as ``torch.nn.Linear`` draws them."""

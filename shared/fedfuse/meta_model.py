@@ -7,6 +7,11 @@ fixed) with re-solving every model's alignment (continuous parameters fixed):
 
 ``ELBO = sum_i E_q log p(gamma_i | A_i, m, v) + E_q log p_PIC(W | tau) + H[q(W)]
          - KL(q(w_0) || N(0, alpha^2 I))``.
+
+Where the zoo has a function space (probe inputs, or bare vectors), a GP over descriptors in that
+space (:mod:`fedfuse.function_space`, settings by leave-one-out over the zoo) predicts the new
+task's function, and the decoded network's readout is solved to compute it on the probe
+(:mod:`fedfuse.readout`): the decoder supplies the features, the zoo's functions the output.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from torch.distributions import Normal
 from fedfuse.alignment import align_zoo, apply_perms, chain_align
 from fedfuse.decoder import WeightDecoder
 from fedfuse.errors import FedfuseError, NotFittedError
+from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.io import load_tensors, save_tensors
 from fedfuse.layout import MLPSpec
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.pic import SparseLocalizedGP
-from fedfuse.posterior import WeightPosterior
+from fedfuse.posterior import DecodedCodes, ReadoutGaussian, WeightPosterior
 from fedfuse.progress import progress_bar
+from fedfuse.readout import get_readout, readout_map, set_readout
 from fedfuse.variational import DiagonalGaussian
-from fedfuse.zoo import ModelZoo, check_descriptor
+from fedfuse.zoo import ModelZoo, check_descriptor, robust_scale
 
 log = logging.getLogger(__name__)
 FORMAT = "fedfuse.meta_model/1"
@@ -42,6 +49,9 @@ class MetaModel:
 
     Settings are stored as given (scikit-learn contract); everything learned ends in ``_``.
     ``pmap`` fans the per-model alignment out (serial by default; the server passes Ray's).
+    ``function_space=False`` keeps the paper's decoded initializer (the ablation); ``kernel``
+    picks the descriptor kernel of the function-space GP (``auto``: by leave-one-out);
+    ``likelihood`` says what the outputs are (``gaussian`` values or ``softmax`` logits).
     """
 
     def __init__(
@@ -63,7 +73,12 @@ class MetaModel:
         batch_size: int = 256,
         code_samples: int = 4,
         refine_weight: float = 1.0,
+        refine_points: int = 64,
         tol: float = 1e-3,
+        function_space: bool = True,
+        kernel: str = "auto",
+        readout_ridge: float = 1e-3,
+        likelihood: str = "gaussian",
         seed: int = 0,
         pmap: ParallelMap | None = None,
         chunk_size: int = 64,
@@ -85,7 +100,12 @@ class MetaModel:
         self.batch_size = batch_size
         self.code_samples = code_samples
         self.refine_weight = refine_weight
+        self.refine_points = refine_points
         self.tol = tol
+        self.function_space = function_space
+        self.kernel = kernel
+        self.readout_ridge = readout_ridge
+        self.likelihood = likelihood
         self.seed = seed
         self.pmap = pmap
         self.chunk_size = chunk_size
@@ -93,8 +113,9 @@ class MetaModel:
 
     _SETTINGS = (
         "code_dim", "base_dim", "hidden", "num_inducing", "block_size", "exact_gp", "align",
-        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "gp_lr", "batch_size", "code_samples", "refine_weight", "tol",
-        "seed", "chunk_size",
+        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "gp_lr", "batch_size",
+        "code_samples", "refine_weight", "refine_points", "tol", "function_space", "kernel", "readout_ridge",
+        "likelihood", "seed", "chunk_size",
     )
 
     def get_params(self) -> dict[str, Any]:
@@ -103,19 +124,18 @@ class MetaModel:
     # -- fit ----------------------------------------------------------------------------------------
     def fit(self, zoo: ModelZoo, probe: Tensor | None = None) -> "MetaModel":
         """Fit on the zoo. ``probe`` ``(N, in)``: inputs the server generates itself (no client
-        data) on which each decoded model is also matched to its original's outputs (the
-        refinement of Sec. 3.4.2, weighted by ``refine_weight``); ``None`` skips it."""
+        data). The zoo's functions there are what new tasks' functions are predicted from; on
+        the first ``refine_points`` of them each decoded model is also matched to its original's
+        outputs (the refinement of Sec. 3.4.2, weighted by ``refine_weight``). ``None``: the
+        paper's weight-space model alone (bare vectors are their own function space)."""
         zoo.validate()
-        if probe is not None and zoo.spec.is_vector:
-            raise FedfuseError("a bare weight vector has no function to probe; pass probe=None")
         start = time.perf_counter()
         torch.manual_seed(self.seed)
         pmap = self.pmap or serial_map
         n, spec = len(zoo), zoo.spec
         self.spec_, self.ids_ = spec, list(zoo.ids)
-        self.tau_loc_ = zoo.tau.mean(0)
-        scale = zoo.tau.std(0, unbiased=False)
-        self.tau_scale_ = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+        loc, scale = robust_scale(zoo.tau)
+        self.tau_loc_, self.tau_scale_ = loc.float(), scale.float()
         tau = self._normalize(zoo.tau)
         gamma = zoo.weights
 
@@ -126,11 +146,12 @@ class MetaModel:
         )
         aligned = apply_perms(spec, gamma, self.perms_)
         targets = None
-        if probe is not None:
+        if probe is not None and not spec.is_vector:
+            refine = probe[: self.refine_points].float()
             with torch.no_grad():  # (n, N, out), permutation invariant; chunked for large zoos
-                out = torch.cat([spec.forward(g, probe.float()) for g in gamma.split(1024)])
+                out = torch.cat([spec.forward(g, refine) for g in gamma.split(1024)])
             scale = out.var(dim=(1, 2), keepdim=True, unbiased=False).clamp_min(1e-6)
-            targets = (probe.float(), out, scale)
+            targets = (refine, out, scale)
 
         self.gp_ = SparseLocalizedGP(
             tau, self.code_dim, self.num_inducing, self.block_size, exact=self.exact_gp,
@@ -188,9 +209,73 @@ class MetaModel:
                     break
         self.n_rounds_ = len(self.history_)
         self.gp_.condition(self.codes_.mean.detach())
+        self._fit_function_space(zoo, probe, gen)
         self.fit_seconds_ = time.perf_counter() - start
         log.info("fit %d models in %.1fs (%d rounds)", n, self.fit_seconds_, self.n_rounds_)
         return self
+
+    def _signatures(self, weights: Tensor) -> Tensor | None:
+        """Each model's function on the probe ``(n, N * out)``, its weights if it is a bare
+        vector, ``None`` when there is no function space to work in."""
+        if self.probe_ is None:
+            return weights if self.spec_.is_vector else None
+        with torch.no_grad():
+            return torch.cat([self.spec_.forward(w, self.probe_).flatten(1) for w in weights.split(1024)])
+
+    def _fit_function_space(self, zoo: ModelZoo, probe: Tensor | None, gen: torch.Generator) -> None:
+        if self.likelihood not in ("gaussian", "softmax"):
+            raise FedfuseError(f"likelihood={self.likelihood!r}: use 'gaussian' (outputs are values) "
+                               "or 'softmax' (outputs are class logits)")
+        self.probe_ = None if probe is None else probe.float()
+        signatures = self._signatures(zoo.weights) if self.function_space else None
+        self.function_ = None if signatures is None else FunctionSpaceGP(
+            kernel=self.kernel, seed=self.seed).fit(zoo.tau, signatures)
+        self.readout_ridge_ = self.readout_ridge
+        if self.function_ is not None and self.probe_ is not None:
+            self._choose_readout_ridge(zoo, gen)
+
+    @torch.no_grad()
+    def _choose_readout_ridge(self, zoo: ModelZoo, gen: torch.Generator, models: int = 96) -> None:
+        """The readout's ridge, chosen on simulated devices: a held-out zoo model is the truth,
+        its leave-one-out prediction the target, solved on every other probe input and judged on
+        the rest against the held-out model's own outputs. No client data is involved."""
+        fn, n_out = self.function_, self.spec_.num_outputs
+        pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=gen)[:models]]
+        mean, _ = fn.loo_predictions(pick)
+        truth = self._signatures(zoo.weights[pick]).double().reshape(len(pick), -1, n_out)
+        spread = (truth - truth.mean(1, keepdim=True)).norm(dim=(1, 2))
+        base = self.reconstruct()[pick]
+        fit_half, test_half = torch.arange(0, len(self.probe_), 2), torch.arange(1, len(self.probe_), 2)
+        target = mean.reshape(len(pick), -1, n_out)[:, fit_half]
+        errors = {}
+        for ridge in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+            a, b = readout_map(self.spec_, base, self.probe_[fit_half], ridge)
+            tuned = set_readout(self.spec_, base, a @ target + b @ get_readout(self.spec_, base).double())
+            out = self.spec_.forward(tuned, self.probe_[test_half]).double()
+            errors[ridge] = float(((out - truth[:, test_half]).norm(dim=(1, 2)) / spread).mean())
+        self.readout_ridge_ = min(errors, key=errors.get)
+
+    def _readout_prior(self, base: Tensor, mean: Tensor, scale: Tensor) -> tuple[Tensor, ReadoutGaussian]:
+        """Weights with the readout solved to compute the predicted functions ``mean`` on the
+        probe, and the Gaussian over readouts that the function-space predictive maps to."""
+        fn, spec = self.function_, self.spec_
+        q = base.shape[0]
+        if spec.is_vector and self.probe_ is None:  # the vector is its own signature
+            factor = scale[:, None, None] * fn.basis_.float().T  # (q, d, r)
+            diag = scale[:, None] ** 2 * fn.residual_.float()
+            return mean, ReadoutGaussian(mean, factor, diag)
+        n_out = spec.num_outputs
+        a, b = readout_map(spec, base, self.probe_, self.readout_ridge_)  # (q, h+1, N), (q, h+1, h+1)
+        target = mean.double().reshape(q, -1, n_out)
+        readout = a @ target + b @ get_readout(spec, base).double()
+        basis = fn.basis_.reshape(fn.basis_.shape[0], -1, n_out)  # (r, N, out)
+        factor = torch.einsum("qhn,rnc->qhcr", a, basis) * scale.double()[:, None, None, None]
+        diag = torch.einsum("qhn,nc->qhc", a**2, fn.residual_.reshape(-1, n_out)) * scale.double()[:, None, None] ** 2
+        p = readout.shape[1] * n_out
+        weights = base.clone()
+        weights[:, spec.readout_index.flatten()] = readout.reshape(q, p).float()
+        return weights, ReadoutGaussian(readout.reshape(q, p).float(), factor.reshape(q, p, -1).float(),
+                                        diag.reshape(q, p).float())
 
     def _normalize(self, tau: Tensor) -> Tensor:
         return (tau - self.tau_loc_) / self.tau_scale_
@@ -240,21 +325,55 @@ class MetaModel:
         return self.tau_loc_.numel()
 
     @torch.no_grad()
-    def personalize(self, tau: Tensor | list[float]) -> WeightPosterior:
-        """Initializer for new task(s) from descriptors alone: ``(D,)`` or ``(q, D)``."""
+    def personalize(self, tau: Tensor | list[float], features: Tensor | None = None) -> WeightPosterior:
+        """Initializer for new task(s) from descriptors alone: ``(D,)`` or ``(q, D)``.
+        ``features`` ``(q, d)``: networks whose hidden layers carry the readout instead of the
+        decoded ones (e.g. a device's own pre-trained model)."""
         self._check_fitted()
         t = check_descriptor(tau, self.tau_dim)
-        mean, var = self.gp_.predict(self._normalize(t))
-        prior = (self.gp_.kernel.outputscale + self.gp_.noise).float()
-        return WeightPosterior(self.spec_, self.decoder_, self.base_.loc, self.base_.scale, mean, var,
-                               prior_code_var=prior)
+        code_mean, code_var = self.gp_.predict(self._normalize(t))
+        q = t.shape[0]
+        decoded, _ = self.decoder_(torch.cat([self.base_.loc.expand(q, -1), code_mean], 1))
+        if features is not None:
+            self.spec_.check_flat(features)
+            decoded = features.float().reshape(q, -1)
+        if self.function_ is None:
+            prior = (self.gp_.kernel.outputscale + self.gp_.noise).float()
+            ratio = (code_var / prior).mean(-1).clamp(0, 1)
+            codes = DecodedCodes(self.decoder_, self.base_.loc.detach(), self.base_.scale.detach(),
+                                 code_mean, code_var)
+            return WeightPosterior(self.spec_, decoded, code_loc=code_mean, code_variance=code_var,
+                                   uncertainty=ratio, novelty=ratio, decoded=codes, seed=self.seed)
+        pred = self.function_.predict(t)
+        weights, readout = self._readout_prior(decoded, pred.mean, pred.scale)
+        uncertainty = pred.expected_error
+        if self.likelihood == "softmax":  # the expected share of probe inputs it misclassifies
+            probs = torch.softmax(pred.mean.reshape(q, -1, self.spec_.num_outputs), -1)
+            uncertainty = 1 - probs.max(-1).values.mean(1)
+        return WeightPosterior(self.spec_, weights, code_loc=code_mean, code_variance=code_var,
+                               uncertainty=uncertainty, novelty=pred.novelty, readout=readout,
+                               seed=self.seed)
 
     @torch.no_grad()
-    def reconstruct(self) -> Tensor:
-        """Decoded weights of the training tasks at their codes' means, in canonical order."""
+    def decode(self, tau: Tensor | list[float]) -> Tensor:
+        """The paper's initializer ``m([E w_0; E w*])``: the decoder at the PIC predictive code,
+        without the function-space readout (kept for comparison)."""
+        self._check_fitted()
+        t = check_descriptor(tau, self.tau_dim)
+        code, _ = self.gp_.predict(self._normalize(t))
+        return self.decoder_(torch.cat([self.base_.loc.expand(t.shape[0], -1), code], 1))[0]
+
+    @torch.no_grad()
+    def reconstruct(self, own_readout: bool = False) -> Tensor:
+        """Decoded weights of the training tasks at their codes' means, in canonical order; with
+        ``own_readout`` each readout is solved for that model's own function on the probe (how
+        well the decoded features carry the uploaded models)."""
         self._check_fitted()
         n = self.codes_.loc.shape[0]
         mean, _ = self.decoder_(torch.cat([self.base_.loc.expand(n, -1), self.codes_.loc], 1))
+        if own_readout and self.function_ is not None:
+            own = (self.function_.y_ + self.function_.mu_).float()
+            mean, _ = self._readout_prior(mean, own, torch.zeros(n))
         return mean
 
     # -- persistence --------------------------------------------------------------------------------
@@ -269,7 +388,12 @@ class MetaModel:
         for li, p in enumerate(self.perms_):
             tensors[f"perms.{li}"] = p.to(torch.int32)
         meta = {"format": FORMAT, "settings": self.get_params(), "spec": self.spec_.to_dict(),
-                "ids": self.ids_, "history": self.history_}
+                "ids": self.ids_, "history": self.history_, "readout_ridge": self.readout_ridge_}
+        if self.probe_ is not None:
+            tensors["probe"] = self.probe_
+        if self.function_ is not None:
+            fn_tensors, meta["function"] = self.function_.state()
+            tensors |= {f"function.{k}": v for k, v in fn_tensors.items()}
         save_tensors(path, tensors, meta)
 
     @classmethod
@@ -295,6 +419,10 @@ class MetaModel:
         self.decoder_.load_state_dict(part("decoder"))
         self.perms_ = [tensors[f"perms.{li}"].long() for li in range(self.spec_.num_hidden_layers)]
         self.gp_.condition(self.codes_.mean.detach())
+        self.probe_ = tensors.get("probe")
+        self.readout_ridge_ = meta["readout_ridge"]
+        self.function_ = (FunctionSpaceGP.from_state(part("function"), meta["function"])
+                          if "function" in meta else None)
         return self
 
 

@@ -2,70 +2,99 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, LowRankMultivariateNormal, constraints
 
 from fedfuse.decoder import WeightDecoder
 from fedfuse.layout import MLPSpec
 
 
-class WeightPosterior(Distribution):
-    """``gamma* = m(w_0, w*) + sqrt(v(w_0, w*)) eps`` with ``w_0 ~ q(w_0)`` and ``w*`` from the
-    GP predictive: batch shape ``(q,)`` tasks, event shape ``(d,)`` weights.
+@dataclass
+class ReadoutGaussian:
+    """``N(loc, factor factor^T + diag(diag))`` over each task's readout entries ``(q, p)``
+    (the flat indices ``spec.readout_index``); ``factor`` is ``(q, p, r)``."""
 
-    ``mean`` is the decoded weights at the codes' means (the paper's initializer ``gamma*``);
-    ``variance`` is the total variance (decoder noise plus code uncertainty, estimated once with
-    a fixed number of seeded samples); ``code_variance`` is the GP's own predictive variance and
-    ``uncertainty`` its ratio to the prior variance (near 1 far from every training task).
+    loc: Tensor
+    factor: Tensor
+    diag: Tensor
+
+    def distribution(self) -> LowRankMultivariateNormal:
+        """As a torch distribution (float64; a readout entry no probe input reaches, such as a
+        dead unit's, gets a small floor so that the covariance stays positive definite)."""
+        floor = 1e-6 * self.variance.double().mean(-1, keepdim=True).clamp_min(1e-12)
+        return LowRankMultivariateNormal(self.loc.double(), self.factor.double(),
+                                         self.diag.double().clamp_min(0) + floor)
+
+    @property
+    def variance(self) -> Tensor:
+        return (self.factor**2).sum(-1) + self.diag
+
+    def latent(self, z: Tensor, eta: Tensor) -> Tensor:
+        """Readouts ``loc + factor z + sqrt(diag) eta`` for standard normal ``z`` ``(..., q, r)``
+        and ``eta`` ``(..., q, p)``: samples, or the variables a MAP fit optimizes."""
+        return self.loc + (self.factor @ z[..., None])[..., 0] + self.diag.sqrt() * eta
+
+
+@dataclass
+class DecodedCodes:
+    """The paper's weight-space posterior: decoder outputs under the codes' uncertainty."""
+
+    decoder: WeightDecoder
+    base_loc: Tensor
+    base_scale: Tensor
+    code_loc: Tensor
+    code_var: Tensor
+
+    def sample(self, shape: torch.Size, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        q = self.code_loc.shape[0]
+        eps0 = torch.randn(*shape, 1, self.base_loc.shape[-1], generator=gen)
+        eps = torch.randn(*shape, *self.code_loc.shape, generator=gen)
+        base = (self.base_loc + self.base_scale * eps0).expand(*shape, q, -1)
+        code = self.code_loc + self.code_var.sqrt() * eps
+        return self.decoder(torch.cat([base, code], dim=-1))
+
+
+class WeightPosterior(Distribution):
+    """Posterior over new tasks' weights: batch shape ``(q,)`` tasks, event shape ``(d,)``.
+
+    Where the zoo was fitted in function space (probe inputs, or bare vectors), the hidden
+    layers are the decoded features (a point estimate) and the readout is Gaussian: the
+    calibrated function-space predictive mapped through the readout solve (``readout``). Without
+    probe inputs it is the paper's decoded posterior (decoder noise plus code uncertainty).
+
+    ``mean`` is the initializer; ``uncertainty`` its expected error: the relative function
+    error learned from the zoo's leave-one-out errors (for class logits, the expected share of
+    inputs it misclassifies; the code variance ratio where there is no function space);
+    ``novelty`` in ``[0, 1]`` how far the descriptor sits from the zoo (the
+    GP's predictive over prior variance).
     """
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(
-        self,
-        spec: MLPSpec,
-        decoder: WeightDecoder,
-        base_loc: Tensor,
-        base_scale: Tensor,
-        code_loc: Tensor,
-        code_var: Tensor,
-        prior_code_var: Tensor | None = None,
-        moment_samples: int = 64,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, spec: MLPSpec, mean: Tensor, *, code_loc: Tensor, code_variance: Tensor,
+                 uncertainty: Tensor, novelty: Tensor, readout: ReadoutGaussian | None = None,
+                 decoded: DecodedCodes | None = None,
+                 moment_samples: int = 64, seed: int = 0) -> None:
+        if (readout is None) == (decoded is None):
+            raise ValueError("a WeightPosterior needs exactly one of readout= or decoded=")
         self.spec = spec
-        self._decoder = decoder
-        self._base = (base_loc.detach(), base_scale.detach())
-        self.code_loc, self.code_variance = code_loc.detach(), code_var.detach()
-        prior = code_var.new_ones(code_var.shape[-1]) if prior_code_var is None else prior_code_var
-        # 0: the descriptor sits among training tasks; 1: the GP has nothing to say about it
-        self.uncertainty = (self.code_variance / prior.detach()).mean(-1).clamp(0, 1)
-        q = code_loc.shape[0]
-        super().__init__(torch.Size([q]), torch.Size([spec.num_weights]), validate_args=False)
+        self._mean = mean.detach()
+        self.code_loc, self.code_variance = code_loc.detach(), code_variance.detach()
+        self.uncertainty, self.novelty = uncertainty.detach(), novelty.detach()
+        self.readout, self._decoded = readout, decoded
         self._moments = (moment_samples, seed)
         self._variance: Tensor | None = None
-        with torch.no_grad():
-            self._mean, _ = decoder(self._codes(base_loc.expand(q, -1), code_loc))
-
-    def _codes(self, base: Tensor, code: Tensor) -> Tensor:
-        return torch.cat([base, code], dim=-1)
-
-    def _decode_samples(self, shape: torch.Size, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        q = self.code_loc.shape[0]
-        loc, scale = self._base
-        eps0 = torch.randn(*shape, 1, loc.shape[-1], generator=gen)
-        eps = torch.randn(*shape, *self.code_loc.shape, generator=gen)
-        base = (loc + scale * eps0).expand(*shape, q, -1)
-        code = self.code_loc + self.code_variance.sqrt() * eps
-        return self._decoder(self._codes(base, code))
+        super().__init__(torch.Size([mean.shape[0]]), torch.Size([spec.num_weights]), validate_args=False)
 
     def low_confidence(self, threshold: float = 0.5) -> Tensor:
-        """Tasks whose code the GP barely constrains: far from every training descriptor, the
-        initializer is the population's, not a personal one."""
-        return self.uncertainty > threshold
+        """Tasks the zoo barely constrains: far from every training descriptor, the initializer
+        is the population's, not a personal one."""
+        return self.novelty > threshold
 
     @property
     def mean(self) -> Tensor:
@@ -73,16 +102,30 @@ class WeightPosterior(Distribution):
 
     @property
     def variance(self) -> Tensor:
-        """Estimated on first use, so that asking only for the initializer stays fast."""
+        """Zero on the hidden weights of the function-space form (they are a point estimate);
+        estimated once from seeded samples in the decoded form."""
         if self._variance is None:
-            samples, seed = self._moments
-            with torch.no_grad():
-                m, v = self._decode_samples(torch.Size([samples]), torch.Generator().manual_seed(seed))
-            self._variance = v.mean(0) + m.var(0)
+            if self.readout is not None:
+                var = torch.zeros_like(self._mean)
+                var[:, self.spec.readout_index.flatten()] = self.readout.variance.to(var.dtype)
+            else:
+                samples, seed = self._moments
+                with torch.no_grad():
+                    m, v = self._decoded.sample(torch.Size([samples]), torch.Generator().manual_seed(seed))
+                var = v.mean(0) + m.var(0)
+            self._variance = var
         return self._variance
 
     def rsample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:
-        m, v = self._decode_samples(torch.Size(sample_shape), generator)
+        shape = torch.Size(sample_shape)
+        if self.readout is not None:
+            q, p = self.readout.loc.shape
+            z = torch.randn(*shape, q, self.readout.factor.shape[-1], generator=generator)
+            eta = torch.randn(*shape, q, p, generator=generator)
+            out = self._mean.expand(*shape, *self._mean.shape).clone()
+            out[..., self.spec.readout_index.flatten()] = self.readout.latent(z, eta).to(out.dtype)
+            return out
+        m, v = self._decoded.sample(shape, generator)
         return m + v.sqrt() * torch.randn(m.shape, generator=generator)
 
     def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -17,9 +17,14 @@ import torch
 from fedfuse.errors import FedfuseError
 from fedfuse.layout import MLPSpec
 
+if TYPE_CHECKING:
+    from fedfuse.posterior import ReadoutGaussian, WeightPosterior
+
 # record names inside a message's RecordDict
 WEIGHTS, META, CONFIG, METRICS, INIT = "weights", "meta", "config", "metrics", "init"
 FLAT = "flat"  # the single array inside the weights / init ArrayRecord
+# the initializer's readout prior, next to its weights (see fedfuse.finetune.condition_readout)
+READOUT_FACTOR, READOUT_DIAG = "readout-factor", "readout-diag"
 # message actions (in the server's CONFIG record)
 ACTION, UPLOAD, PERSONALIZE = "action", "upload", "personalize"
 # status a device answers an upload request with when it has no model of its own to share
@@ -38,6 +43,33 @@ MAX_WEIGHTS = 50_000_000  # 200 MB of float32: anything larger is refused before
 MAX_ABS_WEIGHT = 1e4  # a trained weight this large means a broken or hostile model
 # a device's answer to a receipt (the server telling it whether its upload was accepted)
 RECEIPT, REASON, ACCEPTED, REJECTED = "receipt", "reason", "accepted", "rejected"
+
+
+def initializer_arrays(post: "WeightPosterior", j: int) -> dict[str, np.ndarray]:
+    """What a new device receives for task ``j`` of a posterior: the initializer's flat weights
+    and, where there is one, its Gaussian readout prior (low-rank factor and diagonal)."""
+    out = {FLAT: post.mean[j].detach().numpy().astype(np.float32)}
+    if post.readout is not None:
+        out[READOUT_FACTOR] = post.readout.factor[j].detach().numpy().astype(np.float32)
+        out[READOUT_DIAG] = post.readout.diag[j].detach().numpy().astype(np.float32)
+    return out
+
+
+def readout_prior(spec: MLPSpec, flat: torch.Tensor, arrays: Mapping[str, np.ndarray]) -> "ReadoutGaussian | None":
+    """The device side of :func:`initializer_arrays`: the readout prior for weights ``flat``
+    ``(d,)`` of architecture ``spec``, or ``None`` when the server sent none. Shapes are checked
+    against the device's own architecture."""
+    from fedfuse.posterior import ReadoutGaussian
+
+    if READOUT_FACTOR not in arrays or READOUT_DIAG not in arrays:
+        return None
+    factor, diag = np.asarray(arrays[READOUT_FACTOR]), np.asarray(arrays[READOUT_DIAG])
+    p = spec.readout_index.numel()
+    if factor.ndim != 2 or factor.shape[0] != p or diag.shape != (p,):
+        raise FedfuseError(f"readout prior of shape {factor.shape}/{diag.shape} does not fit "
+                           f"architecture {list(spec.sizes)} ({p} readout entries)")
+    loc = flat[spec.readout_index.flatten()]
+    return ReadoutGaussian(loc[None], torch.from_numpy(factor).float()[None], torch.from_numpy(diag).float()[None])
 
 
 class UploadRejected(FedfuseError):

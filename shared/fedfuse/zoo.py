@@ -150,4 +150,17 @@ def check_descriptor(tau: Tensor | Sequence[float], dim: int) -> Tensor:
     return t
 
 
-__all__ = ["ModelZoo", "check_descriptor"]
+def robust_scale(tau: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-entry location (median) and scale (1.4826 MAD) of descriptors ``(n, D)``: one extreme
+    descriptor cannot stretch everyone else's distances, as it would with mean and std. Where
+    more than half the zoo shares a value (MAD 0, e.g. indicator bits) the std is used, and 1
+    where every descriptor agrees."""
+    t = tau.double()
+    loc = t.median(0).values
+    mad = 1.4826 * (t - loc).abs().median(0).values
+    std = t.std(0, unbiased=False)
+    scale = torch.where(mad > 1e-8, mad, torch.where(std > 1e-8, std, torch.ones_like(std)))
+    return loc, scale
+
+
+__all__ = ["ModelZoo", "check_descriptor", "robust_scale"]

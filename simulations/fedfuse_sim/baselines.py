@@ -17,6 +17,7 @@ from torch.func import grad, vmap
 from fedfuse.finetune import loss_fn
 from fedfuse.layout import MLPSpec
 from fedfuse.progress import progress_bar
+from fedfuse.zoo import robust_scale
 
 MAML_NOTE = ("MAML needs centralized, synchronized access to every training task's raw data "
              "(second-order meta-gradients each round); fedfuse only sees each device's weights once.")
@@ -95,3 +96,50 @@ class MAML:
     def init(self, n: int) -> Tensor:
         """The meta-learned base net, the same 0-shot initializer for every new task."""
         return self.theta_.expand(n, -1).clone()
+
+
+@dataclass
+class AlignedNeighbours:
+    """The k-NN average of aligned neighbours: a new task gets the kernel-weighted average of
+    its ``k`` nearest zoo models (robustly standardized descriptor distance, weights
+    ``exp(-d^2 / 2h^2)``), their weights in the fitted canonical unit order. ``k`` and ``h`` are
+    chosen by leave-one-out on the zoo: in function space on the probe when there is one, in
+    weight space otherwise. Uses only what the server has, like ours."""
+
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    bandwidths: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+    def fit(self, spec: MLPSpec, aligned: Tensor, tau: Tensor, probe: Tensor | None = None) -> "AlignedNeighbours":
+        self.spec_, self.aligned_ = spec, aligned
+        self.loc_, self.scale_ = robust_scale(tau)
+        self.z_ = z = self._z(tau)
+        dist = torch.cdist(z, z)
+        dist.fill_diagonal_(float("inf"))
+        truth = self._signature(aligned, probe)
+        spread = (truth - truth.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12)
+        scores = {}
+        for k in (k for k in self.ks if k < len(tau)):
+            d, idx = dist.topk(k, largest=False)
+            for h in self.bandwidths:
+                pred = self._average(d, idx, h)
+                scores[(k, h)] = float(((self._signature(pred, probe) - truth).norm(dim=1) / spread).mean())
+        self.k_, self.h_ = min(scores, key=scores.get)
+        self.scores_ = scores
+        return self
+
+    def predict(self, query: Tensor) -> Tensor:
+        d, idx = torch.cdist(self._z(query), self.z_).topk(min(self.k_, len(self.aligned_)), largest=False)
+        return self._average(d, idx, self.h_)
+
+    def _z(self, tau: Tensor) -> Tensor:
+        return ((tau.double() - self.loc_) / self.scale_).float()
+
+    def _average(self, d: Tensor, idx: Tensor, h: float) -> Tensor:
+        w = torch.softmax(-(d**2) / (2 * h**2), dim=1)  # stable where every neighbour is far
+        return (w[..., None] * self.aligned_[idx]).sum(1)
+
+    def _signature(self, weights: Tensor, probe: Tensor | None) -> Tensor:
+        if probe is None:
+            return weights
+        with torch.no_grad():
+            return self.spec_.forward(weights, probe).flatten(1)

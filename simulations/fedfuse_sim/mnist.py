@@ -6,9 +6,11 @@ from their 10-bit descriptor, fine-tuned on 0, 1 or 10 shots per digit and score
 accuracy on the MNIST test images of their digits. Methods as in the sine benchmark; MAML is
 meta-trained centrally on the training devices' pooled images.
 
-The meta-model's function-space refinement needs probe inputs: the server draws
-``probe_images`` unlabeled images from MNIST's training split (public, unlabeled data; no device
-sends any). ``probe_images=0`` fits without it.
+The meta-model's function space needs probe inputs: the server draws ``probe_images``
+unlabeled images from MNIST's training split (public, unlabeled data; no device sends any); the
+decoder's refinement uses the first 64 of them. ``probe_images=0`` fits the paper's model alone.
+Ours with shots conditions its readout on them under the posterior (cross-entropy, the device's
+own cross-validation decides how far); every other method is tuned with the same local Adam.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedfuse.alignment import apply_perms
 from fedfuse.datasets import load_mnist
-from fedfuse.finetune import finetune
+from fedfuse.finetune import condition_readout, finetune
 from fedfuse.meta_model import MetaModel
+from fedfuse.posterior import ReadoutGaussian, WeightPosterior
 from fedfuse.progress import progress_bar
 from fedfuse.tasks import mnist
 from fedfuse.zoo import ModelZoo
-from fedfuse_sim import baselines, plots, report
+from fedfuse_sim import baselines, calibration, plots, report
 
 SHOTS = (0, 1, 10)
 PAPER = {  # Table 2 of the paper, K-way accuracy (%) at 0/1/10 shots per digit
@@ -50,7 +54,7 @@ class MnistConfig:
     pretrain_steps: int = 300
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
-    probe_images: int = 64
+    probe_images: int = 1000
     maml_steps: int = 2000
     maml_tasks: int = 8
     maml_support: int = 5
@@ -63,14 +67,15 @@ class MnistConfig:
     # and the exact GP gave 0-shot 79/59/57/44, 61/59/57/49, 77/69/63/50 and 61/57/50/41 %)
     meta: dict[str, Any] = field(default_factory=lambda: {
         "hidden": (256, 64), "batch_size": 32, "max_rounds": 5, "steps_per_round": 200, "gp_steps": 30,
-        "block_size": 8})
+        "block_size": 8, "likelihood": "softmax"})
 
     @classmethod
     def smoke(cls, seeds: tuple[int, ...] = (0,)) -> "MnistConfig":
         """A reduced size for CI: 4 training and 2 test tasks per K, short runs."""
         return cls(n_train=4, n_test=2, shots=(0, 1), seeds=seeds, pretrain_images=200,
-                   pretrain_steps=60, finetune_steps=20, probe_images=32, maml_steps=20,
-                   maml_tasks=2, meta={"hidden": (32,), "max_rounds": 2, "steps_per_round": 20})
+                   pretrain_steps=60, finetune_steps=20, probe_images=64, maml_steps=20,
+                   maml_tasks=2, meta={"hidden": (32,), "max_rounds": 2, "steps_per_round": 20,
+                                       "likelihood": "softmax"})
 
 
 def column(row: dict[str, Any]) -> str:
@@ -134,14 +139,26 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
 
     test_tau = torch.stack([t.tau for t in test])
     n = len(test)
+    t0 = time.perf_counter()
+    posts = {name: f.personalize(test_tau) for name, f in fits.items()}
+    timings["personalize_all_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fits["ours"].personalize(test_tau[:1])
+    timings["one_initializer_ms"] = 1000 * (time.perf_counter() - t0)
+    neighbours = baselines.AlignedNeighbours().fit(
+        mnist.SPEC, apply_perms(mnist.SPEC, weights, fits["ours"].perms_), tau, probe)
     inits = {
-        "ours": fits["ours"].personalize(test_tau).mean,
-        "no-align": fits["no-align"].personalize(test_tau).mean,
+        "ours": posts["ours"].mean,
+        "ours, Adam fine-tuning": posts["ours"].mean,
+        "paper's decoder": fits["ours"].decode(test_tau),
+        "no-align": posts["no-align"].mean,
         "cold-start": mnist.SPEC.init(n, gen),
         "1-NN": baselines.nearest_neighbour(tau, weights, test_tau),
+        "k-NN aligned": neighbours.predict(test_tau),
         "zoo average": baselines.zoo_average(weights, n),
         "MAML": maml.init(n),
     }
+    bayes = {"ours": posts["ours"], "no-align": posts["no-align"]}
     rows = []
     with progress_bar(progress, "fine-tuning", total=(len(inits) + 1) * len(cfg.shots) * len(mnist.KS)) as bar:
         for K in mnist.KS:
@@ -153,7 +170,8 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
                 shots = [mnist.shots_per_digit(t, x_train, y_train, k, seed + 5000 + 31 * i + k)
                          for i, t in zip(idx, tasks)]
                 xs, ys = torch.stack([s[0] for s in shots]), torch.stack([s[1] for s in shots])
-                tuned = {m: finetune(mnist.SPEC, init[idx], xs, ys, cfg.finetune_steps, cfg.finetune_lr, loss="ce")
+                tuned = {m: (conditioned(bayes[m], idx, xs, ys) if m in bayes else
+                             finetune(mnist.SPEC, init[idx], xs, ys, cfg.finetune_steps, cfg.finetune_lr, loss="ce"))
                          for m, init in inits.items()}
                 tuned["MAML, own SGD"] = maml.finetune(xs, ys, cfg.maml_test_steps)  # as Finn et al. test it
                 for method, w in tuned.items():
@@ -162,7 +180,40 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
                               "digits": "".join(map(str, t.digits)), "accuracy": 100 * float(a)}
                              for t, a in zip(tasks, acc)]
                     bar.update(description=f"fine-tuning K={K}, {method}, {k} shots")
-    return rows, {"timings": timings, "fit_rounds": {m: f.n_rounds_ for m, f in fits.items()}}
+    zero = {r["digits"]: r["accuracy"] for r in rows if r["method"] == "ours" and r["shots"] == 0}
+    error = torch.tensor([100 - zero["".join(map(str, t.digits))] for t in test])
+    unc = posts["ours"].uncertainty
+    extra = {"timings": timings, "fit_rounds": {m: f.n_rounds_ for m, f in fits.items()},
+             "uncertainty": {"spearman": calibration.rank_correlation(unc, error),
+                             "spearman_within_K": {K: calibration.rank_correlation(
+                                 unc[[i for i, t in enumerate(test) if len(t.digits) == K]],
+                                 error[[i for i, t in enumerate(test) if len(t.digits) == K]])
+                                 for K in mnist.KS if sum(len(t.digits) == K for t in test) > 2},
+                             "values": unc.tolist(), "error": error.tolist()},
+             "reconstruction_accuracy": reconstruction(fits["ours"], weights, train, x_test, y_test),
+             "worse_than_0shot": report.worse_than_zero_shot(rows, "ours", "accuracy", lower_is_better=False,
+                                                             group=("seed", "digits")),
+             "selected": {"kernel": fits["ours"].function_.kernel_name_,
+                          "kernel_loo": fits["ours"].function_.candidates_,
+                          "readout_ridge": fits["ours"].readout_ridge_,
+                          "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}
+    return rows, extra
+
+
+def conditioned(post: WeightPosterior, idx: list[int], xs: Tensor, ys: Tensor) -> Tensor:
+    """Ours with shots, for the test tasks ``idx`` of one K: the readout conditioned on them."""
+    r = post.readout
+    prior = ReadoutGaussian(r.loc[idx], r.factor[idx], r.diag[idx])
+    return condition_readout(mnist.SPEC, post.mean[idx], prior, xs, ys, "ce")
+
+
+def reconstruction(model: MetaModel, weights: Tensor, train: list[mnist.DigitTask], x_test: Tensor,
+                   y_test: Tensor) -> dict[str, float]:
+    """K-way accuracy of the uploaded nets on their own tasks, of the decoded training nets, and
+    of those with the readout solved for their own function on the probe."""
+    acc = lambda w: 100 * float(mnist.accuracy(w, train, x_test, y_test).mean())  # noqa: E731
+    return {"uploaded": acc(weights), "decoded": acc(model.reconstruct()),
+            "decoded + own readout": acc(model.reconstruct(own_readout=True))}
 
 
 def run(out: Path, cfg: MnistConfig, progress: bool = True) -> dict[str, Any]:
@@ -181,4 +232,7 @@ def run(out: Path, cfg: MnistConfig, progress: bool = True) -> dict[str, Any]:
                            {"config": asdict(cfg), "per_seed": per_seed, "notes": [baselines.MAML_NOTE]},
                            column=column, digits=1, progress=progress)
     plots.accuracy_by_shots(out / "mnist_accuracy.png", result["summary"], mnist.KS, cfg.shots, paper)
+    first = per_seed[str(cfg.seeds[0])]["uncertainty"]
+    plots.uncertainty_figure(out / "uncertainty.png", {"MNIST, ours": (
+        torch.tensor(first["values"]), torch.tensor(first["error"]), first["spearman"])}, "0-shot error (%)")
     return result

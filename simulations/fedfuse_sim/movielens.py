@@ -4,7 +4,10 @@ Seen devices upload their own d-dim embedding (fitted locally against the public
 embeddings) and their descriptor (embedded context ratings) once. An unseen user gets an
 embedding from its descriptor alone and is scored by RMSE on its held-out ratings of
 non-context items. User models are bare vectors in the shared item space: their coordinates
-already correspond, so there is no permutation to align and ``ours`` = the meta-model as is.
+already correspond, so there is no permutation to align. A user model's function is its
+predicted ratings: the embedding against the public item features, which serve as the server's
+probe; ``ours`` predicts a new user's ratings by the function-space GP and solves for the
+embedding that gives them (``paper's decoder``: the decoded embedding).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from fedfuse.meta_model import MetaModel
 from fedfuse.progress import progress_bar
 from fedfuse.tasks import movielens as ml
 from fedfuse.zoo import ModelZoo
-from fedfuse_sim import baselines, plots, report
+from fedfuse_sim import baselines, calibration, plots, report
 
 DIMS = (20, 30, 40)
 PAPER = {  # Table 3 of the paper, RMSE of unseen users at 20/30/40 dims
@@ -60,7 +63,7 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
     torch.manual_seed(seed)
     sp = ml.split(ratings, seed, cfg.n_context, cfg.n_unseen)
     tau = ml.descriptors(ratings, sp, cfg.tau_dim)
-    rows, timings = [], {}
+    rows, timings, calib, recon, selected = [], {}, {}, {}, {}
     with progress_bar(progress, "MovieLens", total=len(cfg.dims)) as bar:
         for dim in cfg.dims:
             t0 = time.perf_counter()
@@ -71,12 +74,18 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
                            [f"user-{int(u):04d}" for u in sp.seen], [1] * len(sp.seen))
             timings[f"{dim}-dim public CF s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            meta = MetaModel(seed=seed, progress=progress, **cfg.meta).fit(zoo)
+            # a user model's function: its predicted ratings of every item (public item features)
+            probe = items.features(torch.arange(ratings.num_items))
+            meta = MetaModel(seed=seed, progress=progress, **cfg.meta).fit(zoo, probe=probe)
             timings[f"{dim}-dim fit s"] = time.perf_counter() - t0
             new_tau = tau[sp.unseen]
+            post = meta.personalize(new_tau)
+            neighbours = baselines.AlignedNeighbours().fit(zoo.spec, users, zoo.tau, probe)
             zero_shot = {
-                "ours": meta.personalize(new_tau).mean,
+                "ours": post.mean,
+                "paper's decoder": meta.decode(new_tau),
                 "1-NN": baselines.nearest_neighbour(zoo.tau, users, new_tau),
+                "k-NN average": neighbours.predict(new_tau),
                 "zoo average": baselines.zoo_average(users, len(sp.unseen)),
             }
             scored: dict[str, tuple[ml.ItemModel, Tensor]] = {}
@@ -90,8 +99,27 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
                 ids, rmse = ml.user_rmse(it, emb, ratings, sp.is_test)
                 rows += [{"seed": seed, "method": name, "dim": dim, "user": int(u), "rmse": float(e)}
                          for u, e in zip(ids, rmse)]
+                if name == "ours":
+                    order = {int(u): j for j, u in enumerate(sp.unseen)}
+                    unc = post.uncertainty[[order[int(u)] for u in ids]]
+                    calib[f"{dim}-dim"] = {"spearman": calibration.rank_correlation(unc, rmse),
+                                           "values": unc.tolist(), "error": rmse.tolist()}
+            recon[f"{dim}-dim"] = reconstruction(meta, items, users, ratings, sp)
+            selected[f"{dim}-dim"] = {"kernel": meta.function_.kernel_name_, "kernel_loo": meta.function_.candidates_,
+                                      "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}
             bar.update(description=f"MovieLens {dim}-dim")
-    return rows, {"timings": timings}
+    return rows, {"timings": timings, "uncertainty": calib, "reconstruction_rmse": recon, "selected": selected}
+
+
+def reconstruction(meta: MetaModel, items: ml.ItemModel, users: Tensor, ratings: Ratings, sp: ml.Split
+                   ) -> dict[str, float]:
+    """RMSE on the seen users' own (public-CF) ratings: their uploaded embeddings against the
+    decoded ones (the meta-model holding the zoo)."""
+    def rmse(emb: Tensor) -> float:
+        full = torch.zeros(ratings.num_users, emb.shape[1])
+        full[sp.seen] = emb
+        return float(ml.user_rmse(items, full, ratings, sp.public_cf())[1].mean())
+    return {"uploaded": rmse(users), "decoded": rmse(meta.reconstruct())}
 
 
 def run(out: Path, cfg: MovieLensConfig, progress: bool = True) -> dict[str, Any]:
@@ -110,4 +138,8 @@ def run(out: Path, cfg: MovieLensConfig, progress: bool = True) -> dict[str, Any
                            {"config": asdict(cfg), "per_seed": per_seed, "notes": notes},
                            column=column, digits=2, progress=progress)
     plots.grouped_bars(out / "movielens_rmse.png", result["summary"], columns, "RMSE (lower is better)", paper)
+    first = per_seed[str(cfg.seeds[0])]["uncertainty"]
+    plots.uncertainty_figure(out / "uncertainty.png", {f"MovieLens {d}, ours": (
+        torch.tensor(v["values"]), torch.tensor(v["error"]), v["spearman"]) for d, v in first.items()},
+        "0-shot RMSE")
     return result

@@ -45,9 +45,6 @@ def fit_history_figure(path: Path, histories: dict[str, list[dict[str, float]]])
     plt.close(fig)
 
 
-
-
-
 def accuracy_by_shots(path: Path, summary: dict[str, dict[str, tuple[float, float]]],
                       ks: tuple[int, ...], shots: tuple[int, ...],
                       paper: dict[str, dict[str, float]] | None = None) -> None:
@@ -95,6 +92,29 @@ def grouped_bars(path: Path, summary: dict[str, dict[str, tuple[float, float]]],
     ax.set_ylabel(ylabel)
     ax.set_title("bars: measured; black ticks: the paper", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def uncertainty_figure(path: Path, panels: dict[str, tuple[Tensor, Tensor, float]], error_label: str,
+                       coverage: dict[str, float] | None = None) -> None:
+    """Per-task 0-shot error against the posterior's ``uncertainty`` (one panel per group, with
+    Spearman's rho); with ``coverage``, a reliability panel: the share of true function values
+    inside the central band of posterior samples against the band's nominal level."""
+    extra = coverage is not None
+    fig, axes = plt.subplots(1, len(panels) + extra, figsize=(3.8 * (len(panels) + extra), 3.3), squeeze=False)
+    for ax, (title, (unc, err, rho)) in zip(axes[0], panels.items()):
+        ax.scatter(unc, err, s=10, alpha=0.6)
+        ax.set(xlabel="uncertainty (expected error)", ylabel=error_label, title=f"{title}: Spearman {rho:.2f}")
+    if extra:
+        ax = axes[0][-1]
+        levels = [float(k) for k in coverage]
+        ax.plot([0, 1], [0, 1], color="gray", ls=":", label="calibrated")
+        ax.plot(levels, list(coverage.values()), marker="o", label="posterior samples")
+        ax.set(xlabel="nominal band level", ylabel="share of true values inside", title="band coverage",
+               xlim=(0.4, 1.0), ylim=(0.4, 1.0))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

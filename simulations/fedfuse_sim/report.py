@@ -61,6 +61,21 @@ def over_seeds(seeds: tuple[int, ...], run_seed: Callable[[int], tuple[list[dict
     return rows, per_seed
 
 
+def worse_than_zero_shot(rows: list[dict[str, Any]], method: str, metric: str, lower_is_better: bool,
+                         group: tuple[str, ...] = ("seed", "task")) -> dict[str, float]:
+    """Per shot count, the share of test tasks whose fine-tuned score is worse than the same
+    method's 0-shot score (fine-tuning should not destroy a good initializer)."""
+    zero = {tuple(r[g] for g in group): float(r[metric]) for r in rows
+            if r["method"] == method and int(r["shots"]) == 0}
+    worse: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        key = tuple(r[g] for g in group)
+        if r["method"] == method and int(r["shots"]) > 0 and key in zero:
+            delta = float(r[metric]) - zero[key]
+            worse[f"{r['shots']}-shot"].append(delta > 0 if lower_is_better else delta < 0)
+    return {col: float(np.mean(v)) for col, v in worse.items()}
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

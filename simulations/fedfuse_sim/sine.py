@@ -1,9 +1,15 @@
 """Table 1 and Fig. 2 on one machine: pre-train a sine zoo, fuse it, personalize test tasks.
 
-Methods, each fine-tuned locally with the same Adam settings: ``ours`` (aligned meta-model),
-``no-align`` (the ablation: identity alignment), ``cold-start`` (a fresh random init), ``1-NN``
-(copy the training net with the nearest descriptor), ``zoo average`` (one-shot FedAvg) and MAML
-at [1-100-1] and [1-40-40-1] (centralized, synchronized meta-training on the training tasks).
+Methods: ``ours`` (the meta-model: decoded features, function-space readout; with shots the
+device conditions the readout on them under the posterior, cross-validated on its own shots),
+its ablations (``ours, Adam fine-tuning``: the same initializer tuned like every baseline;
+``ours, 1-NN's features``: the readout on the nearest model's hidden layer instead of the
+decoded one; ``paper's decoder``: the decoded initializer without the function-space readout;
+``no-align``),
+and baselines tuned with the same local Adam settings: ``cold-start``, ``1-NN`` (copy the
+nearest descriptor's model), ``k-NN aligned`` (kernel-weighted average of aligned neighbours,
+k and bandwidth by leave-one-out on the zoo), ``zoo average`` (one-shot FedAvg) and MAML at
+[1-100-1] and [1-40-40-1] (centralized, synchronized meta-training on the training tasks).
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedfuse.finetune import finetune
+from fedfuse.alignment import apply_perms
+from fedfuse.finetune import condition_readout, finetune
 from fedfuse.layout import MLPSpec
 from fedfuse.meta_model import MetaModel
+from fedfuse.posterior import WeightPosterior
 from fedfuse.progress import progress_bar
 from fedfuse.tasks import sine
 from fedfuse.zoo import ModelZoo
-from fedfuse_sim import baselines, plots, report
+from fedfuse_sim import baselines, calibration, plots, report
 
 SHOTS = (0, 10, 20, 30, 40)
 PAPER = {  # Table 1 of the paper, nRMSE at 0/10/20/30/40 shots
@@ -49,18 +57,19 @@ class SineConfig:
     finetune_steps: int = 500
     finetune_lr: float = 1e-2
     probe_points: int = 64
-    maml_steps: int = 20000
+    maml_steps: int = 20000  # Finn et al. use 70,000; --maml-steps 70000 measures the difference
     maml_tasks: int = 25
     maml_shots: int = 10
     maml_test_steps: int = 10
     plot_tasks: int = 3
+    posterior_samples: int = 200
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def smoke(cls, seeds: tuple[int, ...] = (0,)) -> "SineConfig":
         """A reduced size for CI (same code path, minutes less)."""
         return cls(n_train=40, n_test=10, shots=(0, 10), seeds=seeds, pretrain_steps=300,
-                   finetune_steps=100, maml_steps=100, maml_tasks=8,
+                   finetune_steps=100, maml_steps=100, maml_tasks=8, posterior_samples=50,
                    meta={"max_rounds": 3, "steps_per_round": 60, "hidden": (64,)})
 
 
@@ -117,6 +126,33 @@ def evaluate(tuners: dict[str, Tuner], test: sine.SineTasks, cfg: SineConfig, se
     return rows, tuned
 
 
+def bayes_tuner(post: WeightPosterior) -> Callable[[Tensor, Tensor], Tensor]:
+    """Ours with shots: condition the readout on them under the posterior (a device's own
+    cross-validation picks how far); 0 or 1 shot keeps the initializer."""
+    return lambda x, y: condition_readout(sine.SPEC, post.mean, post.readout, x, y, "mse")
+
+
+def posterior_stats(post: WeightPosterior, test: sine.SineTasks, samples: int, seed: int) -> dict[str, Any]:
+    """Spearman(uncertainty, 0-shot error) and the coverage of central bands of the posterior's
+    function samples on the evaluation grid."""
+    x = sine.eval_grid()
+    draws = post.sample((samples,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        f = torch.stack([sine.SPEC.forward(d, x)[..., 0] for d in draws])
+    err = sine.nrmse(sine.SPEC, post.mean, test)
+    return {"spearman": calibration.rank_correlation(post.uncertainty, err),
+            "coverage": calibration.coverage_curve(f, test(x)[..., 0]),
+            "uncertainty": post.uncertainty.tolist(), "error": err.tolist()}
+
+
+def reconstruction(model: MetaModel, zoo: ModelZoo, train: sine.SineTasks) -> dict[str, float]:
+    """How well the meta-model holds the zoo itself: the uploaded nets' own nRMSE, the decoded
+    training nets', and theirs with the readout solved for their own function on the probe."""
+    return {"uploaded": float(sine.nrmse(sine.SPEC, zoo.weights, train).mean()),
+            "decoded": float(sine.nrmse(sine.SPEC, model.reconstruct(), train).mean()),
+            "decoded + own readout": float(sine.nrmse(sine.SPEC, model.reconstruct(own_readout=True), train).mean())}
+
+
 def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One seed: a fresh zoo, fits, baselines and scores; the first seed also draws Fig. 2."""
     torch.manual_seed(seed)
@@ -145,25 +181,50 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
     t0 = time.perf_counter()
     post = ours.personalize(test.tau)
     timings["personalize_all_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours.personalize(test.tau[:1])
+    timings["one_initializer_ms"] = 1000 * (time.perf_counter() - t0)
+    post_no_align = no_align.personalize(test.tau)
+    probe = torch.linspace(*sine.X_RANGE, cfg.probe_points)[:, None]
+    neighbours = baselines.AlignedNeighbours().fit(sine.SPEC, apply_perms(sine.SPEC, zoo.weights, ours.perms_),
+                                                   zoo.tau, probe)
     n = len(test)
+    nearest = baselines.nearest_neighbour(zoo.tau, zoo.weights, test.tau)
+    post_nn = ours.personalize(test.tau, features=nearest)
     inits = {
         "ours": (sine.SPEC, post.mean),
-        "no-align": (sine.SPEC, no_align.personalize(test.tau).mean),
+        "ours, Adam fine-tuning": (sine.SPEC, post.mean),
+        "ours, 1-NN's features": (sine.SPEC, post_nn.mean),
+        "paper's decoder": (sine.SPEC, ours.decode(test.tau)),
+        "no-align": (sine.SPEC, post_no_align.mean),
         "cold-start": (sine.SPEC, sine.SPEC.init(n, gen)),
-        "1-NN": (sine.SPEC, baselines.nearest_neighbour(zoo.tau, zoo.weights, test.tau)),
+        "1-NN": (sine.SPEC, nearest),
+        "k-NN aligned": (sine.SPEC, neighbours.predict(test.tau)),
         "zoo average": (sine.SPEC, baselines.zoo_average(zoo.weights, n)),
     } | {name: (MAML_SPECS[name], m.init(n)) for name, m in mamls.items()}
     tuners = {m: (spec, partial(finetune, spec, init, steps=cfg.finetune_steps, lr=cfg.finetune_lr))
               for m, (spec, init) in inits.items()}
+    for method, p in (("ours", post), ("ours, 1-NN's features", post_nn), ("no-align", post_no_align)):
+        tuners[method] = (sine.SPEC, bayes_tuner(p))
     tuners |= {f"{name}, own SGD": (MAML_SPECS[name], partial(m.finetune, steps=cfg.maml_test_steps))
                for name, m in mamls.items()}  # MAML as Finn et al. test it: its own SGD steps
     rows, tuned = evaluate(tuners, test, cfg, seed, progress)
+    stats = posterior_stats(post, test, cfg.posterior_samples, seed)
     if seed == cfg.seeds[0]:
         draw_figures(out, cfg, seed, test, inits, tuned, {"ours": ours.history_, "no-align": no_align.history_})
+        plots.uncertainty_figure(out / "uncertainty.png",
+                                 {"sine, ours": (torch.tensor(stats["uncertainty"]), torch.tensor(stats["error"]),
+                                                 stats["spearman"])}, "0-shot nRMSE", stats["coverage"])
     extra = {"timings": timings,
              "peak_rss_mb": {"before_fit": rss_before, "after_fit": fit_peak, "end": peak_rss_mb()},
              "fit_rounds": {"ours": ours.n_rounds_, "no-align": no_align.n_rounds_},
-             "model_file_mb": (out / f"meta_model_seed{seed}.safetensors").stat().st_size / 2**20}
+             "model_file_mb": (out / f"meta_model_seed{seed}.safetensors").stat().st_size / 2**20,
+             "uncertainty": {"spearman": stats["spearman"], "coverage": stats["coverage"]},
+             "reconstruction_nrmse": reconstruction(ours, zoo, train),
+             "worse_than_0shot": report.worse_than_zero_shot(rows, "ours", "nrmse", lower_is_better=True),
+             "selected": {"kernel": ours.function_.kernel_name_, "kernel_loo": ours.function_.candidates_,
+                          "readout_ridge": ours.readout_ridge_,
+                          "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}
     return rows, extra
 
 

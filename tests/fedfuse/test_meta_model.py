@@ -28,11 +28,66 @@ def test_elbo_rises_during_fit(fitted):
 def test_personalize_gives_a_posterior_with_torch_distribution_vocabulary(fitted):
     post = fitted.personalize([[2.0, 1.0], [0.5, 0.3]])
     assert post.mean.shape == (2, 301) and post.variance.shape == (2, 301)
-    assert (post.variance > 0).all()
+    readout = sine.SPEC.readout_index.flatten()
+    hidden = torch.ones(301, dtype=torch.bool)
+    hidden[readout] = False
+    # function space: the decoded features are a point estimate, the readout carries the spread
+    assert (post.variance[:, readout] >= 0).all() and (post.variance[:, readout].sum(1) > 0).all()
+    assert (post.variance[:, hidden] == 0).all()
     draws = post.rsample((5,), generator=torch.Generator().manual_seed(0))
     assert draws.shape == (5, 2, 301)
+    assert torch.equal(draws[..., hidden], post.mean[:, hidden].expand(5, -1, -1))
+    assert torch.allclose(draws.var(0)[:, readout].mean(), post.variance[:, readout].mean(), rtol=1.0)
+    dist = post.readout.distribution()
+    assert dist.loc.shape == (2, 101) and torch.allclose(dist.variance.float(), post.readout.variance, rtol=1e-3, atol=1e-6)
     assert post.code_variance.shape == (2, 4) and (post.code_variance > 0).all()
     assert len(post.unflatten()[0]) == 4
+
+
+def test_without_a_probe_it_is_the_papers_decoded_posterior(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    model = MetaModel(**FAST).fit(zoo)  # no probe: no function space for a network
+    post = model.personalize([[2.0, 1.0]])
+    assert model.function_ is None and post.readout is None
+    assert torch.equal(post.mean, model.decode([[2.0, 1.0]]))
+    assert (post.variance > 0).all()
+    assert post.rsample((3,), generator=torch.Generator().manual_seed(0)).shape == (3, 1, 301)
+
+
+def test_function_space_beats_the_papers_decoder_and_the_nearest_model(fitted, small_sine_zoo):
+    tasks, zoo = small_sine_zoo
+    held_out = sine.sample_tasks(40, seed=98)
+    ours = sine.nrmse(sine.SPEC, fitted.personalize(held_out.tau).mean, held_out)
+    decoded = sine.nrmse(sine.SPEC, fitted.decode(held_out.tau), held_out)
+    nearest = zoo.weights[torch.cdist(held_out.tau, tasks.tau).argmin(1)]
+    assert ours.mean() < 0.7 * decoded.mean()
+    assert ours.mean() < sine.nrmse(sine.SPEC, nearest, held_out).mean()
+    # the expected error orders the tasks' actual errors
+    from scipy.stats import spearmanr
+    post = fitted.personalize(held_out.tau)
+    assert spearmanr(post.uncertainty.numpy(), ours.numpy())[0] > 0.4
+
+
+def test_fit_sees_only_the_zoo_and_the_probe(small_sine_zoo, monkeypatch):
+    """Settings are chosen on the zoo alone: no task generator or data set is touched by fit."""
+    import inspect
+
+    import fedfuse.datasets
+    from fedfuse.tasks import mnist
+
+    assert list(inspect.signature(MetaModel.fit).parameters) == ["self", "zoo", "probe"]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("fit reached for task data")
+
+    for module, names in ((sine, ("sample_tasks", "sample_x", "eval_grid", "nrmse")),
+                          (mnist, ("sample_tasks", "task_data", "shots_per_digit", "accuracy")),
+                          (fedfuse.datasets, ("load_mnist", "load_movielens_100k"))):
+        for name in names:
+            monkeypatch.setattr(module, name, forbidden)
+    _, zoo = small_sine_zoo
+    model = MetaModel(**FAST).fit(zoo, probe=PROBE)
+    assert model.function_ is not None and model.readout_ridge_ > 0
 
 
 def test_far_descriptor_has_larger_code_variance(fitted):
@@ -49,6 +104,7 @@ def test_save_load_round_trips_to_identical_initializers(fitted, tmp_path):
     tau = torch.tensor([[1.0, 0.5], [4.0, 2.5]])
     assert torch.equal(back.personalize(tau).mean, fitted.personalize(tau).mean)
     assert torch.equal(back.personalize(tau).variance, fitted.personalize(tau).variance)
+    assert torch.equal(back.personalize(tau).uncertainty, fitted.personalize(tau).uncertainty)
     assert back.get_params() == fitted.get_params()
 
 
@@ -94,7 +150,8 @@ def test_fit_is_reproducible_with_a_seed(small_sine_zoo):
 
 def test_far_descriptors_are_flagged_low_confidence(fitted):
     post = fitted.personalize([[2.5, 1.5], [60.0, -40.0]])
-    assert post.uncertainty[0] < 0.5 < post.uncertainty[1]
+    assert post.novelty[0] < 0.5 < post.novelty[1]
+    assert post.uncertainty[0] < post.uncertainty[1]
     assert post.low_confidence().tolist() == [False, True]
 
 
@@ -106,6 +163,3 @@ def test_gp_hyperparameters_are_fitted_not_left_at_their_init(small_sine_zoo):
     fast = MetaModel(**FAST).fit(zoo, probe=PROBE)
     moved = lambda m: (m.gp_.kernel.base_kernel.lengthscale - 1).abs().max()  # noqa: E731
     assert moved(slow) < 0.1 < moved(fast)
-    held_out = sine.sample_tasks(20, seed=99)
-    assert sine.nrmse(sine.SPEC, fast.personalize(held_out.tau).mean, held_out).mean() < \
-        sine.nrmse(sine.SPEC, slow.personalize(held_out.tau).mean, held_out).mean()

@@ -56,3 +56,28 @@ def test_nearest_neighbour_and_zoo_average():
     assert torch.equal(got, w[[0, 2]])
     avg = baselines.zoo_average(w, 2)
     assert torch.equal(avg, w.mean(0).expand(2, -1)) and avg.is_contiguous()
+
+
+def test_aligned_neighbours_choose_k_and_bandwidth_on_the_zoo():
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.rand(60, 2, generator=gen)
+    clean = torch.stack([tau[:, 0], tau[:, 0] ** 2, tau[:, 1] * 0], 1)
+    noisy = clean + 0.05 * torch.randn(60, 3, generator=gen)
+    spec = MLPSpec((3,), "none")
+    knn = baselines.AlignedNeighbours().fit(spec, noisy, tau)
+    assert knn.k_ > 1  # noisy neighbours: averaging several beats copying one
+    query = torch.rand(40, 2, generator=gen)
+    truth = torch.stack([query[:, 0], query[:, 0] ** 2, query[:, 1] * 0], 1)
+    nearest = baselines.nearest_neighbour(tau, noisy, query)
+    assert (knn.predict(query) - truth).pow(2).mean() < (nearest - truth).pow(2).mean()
+    exact = baselines.AlignedNeighbours(ks=(1,)).fit(spec, clean, tau)
+    assert torch.allclose(exact.predict(tau[:5]), clean[:5])  # k = 1 on a zoo task copies it
+
+
+def test_aligned_neighbours_judge_networks_on_the_probe():
+    spec = MLPSpec((1, 8, 1))
+    gen = torch.Generator().manual_seed(1)
+    tau = torch.rand(20, 1, generator=gen)
+    zoo = spec.init(20, gen)
+    knn = baselines.AlignedNeighbours(ks=(1, 2), bandwidths=(0.5,)).fit(spec, zoo, tau, torch.linspace(-1, 1, 9)[:, None])
+    assert set(knn.scores_) == {(1, 0.5), (2, 0.5)} and knn.predict(tau[:3]).shape == (3, spec.num_weights)

@@ -1,0 +1,334 @@
+"""The zoo in function space: a GP over task descriptors whose draws are whole functions.
+
+Each uploaded model ``i`` is summarized by its *signature* ``s_i`` in ``R^m``: its outputs on
+the server's probe inputs (the function it computes there), or, for a bare vector, the vector
+itself. Signatures are permutation invariant, so no alignment enters here. The zoo is modelled
+as matrix normal: ``cov(s_i, s_j) = (k(tau_i, tau_j) + noise delta_ij) C``, so every output
+shares the descriptor kernel ``k`` and the predictive mean of a new task,
+``mu + k_*^T (K + noise I)^-1 (S - mu)``, does not depend on ``C``.
+
+Settings are chosen on the zoo alone, by leave-one-out: predicting model ``i`` from all the
+others is exactly what personalization does for a new device. For a GP the LOO residuals have a
+closed form (Rasmussen & Williams, Sec. 5.4.2), ``r_i = [G (S - mu)]_i / G_ii`` with
+``G = (K + noise I)^-1``, differentiable in the hyperparameters: the kernel family, its
+lengthscales and the noise minimize the mean squared LOO residual. Large zoos use the same
+objective on local neighbourhoods (each prediction from its ``neighbours`` nearest tasks).
+
+The output covariance ``C`` comes from the standardized LOO residuals and is scaled so that the
+central ``coverage`` band of the zoo's own LOO predictions holds that fraction of their values:
+the predictive band is calibrated on the zoo, not assumed. The LOO errors also give each new task
+an ``expected_error`` (a kernel-weighted average of its neighbours' relative LOO errors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gpytorch
+import torch
+from torch import Tensor, nn
+
+from fedfuse.kernels import KERNELS, is_set_valued, make_kernel, scale_lengthscales
+from fedfuse.zoo import robust_scale
+
+@dataclass
+class FunctionPrediction:
+    """Predictive distribution of new tasks' signatures (``q`` tasks, ``m`` values each).
+
+    ``cov_q = scale_q^2 (basis^T basis + diag(residual))``: a low-rank calibrated covariance
+    shared by all tasks, scaled by each task's own GP variance.
+    """
+
+    mean: Tensor  # (q, m)
+    scale: Tensor  # (q,)
+    basis: Tensor  # (r, m)
+    residual: Tensor  # (m,)
+    novelty: Tensor  # (q,) predictive over prior variance: 0 among the zoo, 1 far from it
+    expected_error: Tensor  # (q,) predicted relative error of ``mean``
+
+    @property
+    def variance(self) -> Tensor:
+        return self.scale[:, None] ** 2 * ((self.basis**2).sum(0) + self.residual)
+
+    def factor(self) -> Tensor:
+        """``(q, r, m)``: ``mean + factor^T xi`` with ``xi ~ N(0, I_r)`` samples the low-rank part."""
+        return self.scale[:, None, None] * self.basis
+
+
+@dataclass
+class _Loo:
+    residual: Tensor  # (a, m) signature minus its LOO prediction
+    variance: Tensor  # (a,) LOO predictive variance in kernel units
+    index: Tensor  # (a,) which zoo models these are
+
+
+class FunctionSpaceGP(nn.Module):
+    """Fit on descriptors ``(n, D)`` and signatures ``(n, m)``; predict new tasks' signatures.
+
+    ``kernel``: one of :data:`fedfuse.kernels.KERNELS` or ``"auto"`` (every family that fits the
+    descriptors, the best LOO wins). The hyperparameters of zoos above ``exact_fit`` models are
+    fitted on the LOO of ``anchors`` random models, each predicted from its ``neighbours``
+    nearest tasks; zoos above ``max_exact`` models also predict from local neighbourhoods.
+    """
+
+    def __init__(self, kernel: str = "auto", exact_fit: int = 1024, max_exact: int = 2048,
+                 neighbours: int = 64, anchors: int = 256, steps: int = 100, lr: float = 0.05, rank: int = 64,
+                 coverage: float = 0.9, seed: int = 0) -> None:
+        super().__init__()
+        if kernel != "auto" and kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: use 'auto' or one of {KERNELS}")
+        self.kernel_choice, self.exact_fit, self.max_exact = kernel, exact_fit, max_exact
+        self.neighbours = neighbours
+        self.anchors, self.steps, self.lr, self.rank = anchors, steps, lr, rank
+        self.coverage, self.seed = coverage, seed
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _inputs(self, tau: Tensor) -> Tensor:
+        """The kernel's view of descriptors: raw sets for ``overlap``, robustly standardized
+        otherwise."""
+        t = tau.double()
+        return t if self.kernel_name_ == "overlap" else (t - self.loc_) / self.tau_scale_
+
+    @property
+    def local(self) -> bool:
+        return self.x_.shape[0] > self.max_exact
+
+    # -- leave-one-out ----------------------------------------------------------------------------
+    def _loo(self, kernel: gpytorch.kernels.Kernel, log_noise: Tensor, x: Tensor, y: Tensor,
+             anchors: Tensor | None) -> _Loo:
+        noise = log_noise.exp()
+        n = x.shape[0]
+        if anchors is None:  # closed form over the whole zoo
+            k = _k(kernel, x, x) + (noise + 1e-8) * torch.eye(n, dtype=x.dtype)
+            g = torch.cholesky_inverse(torch.linalg.cholesky(k))
+            diag = torch.diagonal(g)
+            return _Loo((g @ y) / diag[:, None], 1.0 / diag, torch.arange(n))
+        nbrs = self._nearest(x[anchors], x, exclude=anchors)  # (a, M)
+        xa, xn, yn = x[anchors], x[nbrs], y[nbrs]
+        knn = _k(kernel, xn, xn) + (noise + 1e-8) * torch.eye(nbrs.shape[1], dtype=x.dtype)
+        kan = _k(kernel, xa[:, None, :], xn)[:, 0, :]  # (a, M)
+        kaa = _kdiag(kernel, xa)
+        chol = torch.linalg.cholesky(knn)
+        w = torch.cholesky_solve(kan[..., None], chol)[..., 0]  # (a, M)
+        pred = torch.einsum("am,amd->ad", w, yn)
+        var = kaa + noise - (w * kan).sum(-1)
+        return _Loo(y[anchors] - pred, var.clamp_min(1e-12), anchors)
+
+    def _nearest(self, query: Tensor, x: Tensor, exclude: Tensor | None = None,
+                 count: int | None = None) -> Tensor:
+        """Indices ``(q, M)`` of the ``count`` (default ``neighbours``) zoo tasks nearest each
+        query in the kernel's input space, leaving out each query's own index when given."""
+        dist = torch.cdist(query.detach(), x.detach())
+        if exclude is not None:
+            dist[torch.arange(len(exclude)), exclude] = math.inf
+        m = min(count or self.neighbours, x.shape[0] - (exclude is not None))
+        return dist.topk(m, largest=False).indices
+
+    def _metric(self, x: Tensor) -> Tensor:
+        """Coordinates in which Euclidean distance follows the fitted kernel: inputs over the
+        RBF lengthscales (ARD: irrelevant entries vanish), unit vectors for ``overlap``."""
+        for module in self.kernel_.modules():
+            if getattr(module, "has_lengthscale", False):
+                ls = module.lengthscale.detach().reshape(-1)
+                if self.kernel_name_ == "overlap":
+                    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) / ls
+                return x / ls
+        return x
+
+    @staticmethod
+    def _objective(loo: _Loo) -> Tensor:
+        return (loo.residual**2).mean()
+
+    # -- fit --------------------------------------------------------------------------------------
+    def fit(self, tau: Tensor, signatures: Tensor) -> "FunctionSpaceGP":
+        tau, y = tau.double(), signatures.double()
+        n = tau.shape[0]
+        self.loc_, self.tau_scale_ = robust_scale(tau)
+        self.mu_ = y.mean(0)
+        y = y - self.mu_
+        gen = torch.Generator().manual_seed(self.seed)
+        anchors = (torch.randperm(n, generator=gen)[: self.anchors].sort().values
+                   if n > self.exact_fit else None)
+        names = [self.kernel_choice] if self.kernel_choice != "auto" else [
+            k for k in KERNELS if k != "overlap" or is_set_valued(tau)]
+        self.candidates_: dict[str, float] = {}
+        best = None
+        for name in names:
+            self.kernel_name_ = name
+            kernel, log_noise, value = self._fit_kernel(name, self._inputs(tau), y, anchors)
+            self.candidates_[name] = value
+            if best is None or value < best[0]:
+                best = (value, name, kernel, log_noise)
+        _, self.kernel_name_, self.kernel_, log_noise = best
+        self.log_noise_ = log_noise.detach()
+        self.x_, self.y_ = self._inputs(tau), y
+        self._calibrate(anchors)
+        self._condition()
+        return self
+
+    def _fit_kernel(self, name: str, x: Tensor, y: Tensor, anchors: Tensor | None
+                    ) -> tuple[gpytorch.kernels.Kernel, Tensor, float]:
+        """A coarse start (lengthscale multiplier and noise on a grid), then Adam on the LOO."""
+        if x.shape[0] < 3:  # nothing to leave out: defaults
+            return make_kernel(name, x.shape[1]), torch.tensor(math.log(1e-2), dtype=torch.float64), math.inf
+        start = None
+        for factor in (0.25, 1.0, 4.0):
+            for noise in (1e-3, 1e-1):
+                kernel = make_kernel(name, x.shape[1])
+                scale_lengthscales(kernel, factor)
+                log_noise = torch.tensor(math.log(noise), dtype=torch.float64)
+                with torch.no_grad():
+                    value = float(self._objective(self._loo(kernel, log_noise, x, y, anchors)))
+                if math.isfinite(value) and (start is None or value < start[0]):
+                    start = (value, kernel, log_noise)
+        _, kernel, log_noise = start
+        log_noise = nn.Parameter(log_noise.clone())
+        opt = torch.optim.Adam([*kernel.parameters(), log_noise], lr=self.lr)
+        for _ in range(self.steps):
+            opt.zero_grad()
+            loss = self._objective(self._loo(kernel, log_noise, x, y, anchors))
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                log_noise.clamp_(math.log(1e-6), math.log(1e2))
+        with torch.no_grad():
+            value = float(self._objective(self._loo(kernel, log_noise, x, y, anchors)))
+        kernel.requires_grad_(False)
+        return kernel, log_noise.detach(), value
+
+    @torch.no_grad()
+    def _calibrate(self, anchors: Tensor | None) -> None:
+        """Output covariance, band scale and per-model relative errors from the LOO residuals."""
+        loo = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, anchors)
+        std = loo.residual / loo.variance.sqrt()[:, None]  # (a, m) standardized residuals
+        a = std.shape[0]
+        _, s, vt = torch.linalg.svd(std / math.sqrt(a), full_matrices=False)
+        r = min(self.rank, s.numel())
+        basis = s[:r, None] * vt[:r]
+        residual = ((std**2).mean(0) - (basis**2).sum(0)).clamp_min(0)
+        marginal = ((basis**2).sum(0) + residual).clamp_min(1e-30)
+        z = (std.abs() / marginal.sqrt()).flatten()
+        kappa = float(torch.quantile(z, self.coverage) / _quantile(self.coverage)) if z.numel() else 1.0
+        self.basis_, self.residual_ = kappa * basis, kappa**2 * residual
+        self.loo_var_ = loo.variance
+        # relative LOO error of each model: its error over its own spread across the outputs
+        spread = (self.y_[loo.index] + self.mu_ - (self.y_[loo.index] + self.mu_).mean(1, keepdim=True))
+        self.loo_error_ = loo.residual.norm(dim=1) / spread.norm(dim=1).clamp_min(1e-12)
+        self.loo_index_ = loo.index
+        self.error_neighbours_ = self._choose_error_neighbours()
+
+    def _choose_error_neighbours(self) -> int:
+        """How many nearest zoo models' LOO errors predict a new task's error: the count whose
+        own leave-one-out prediction of the zoo's (log) errors is best."""
+        pts, log_err = self._metric(self.x_[self.loo_index_]), self.loo_error_.clamp_min(1e-12).log()
+        n = len(log_err)
+        if n < 3:
+            return 1
+        order = self._nearest(pts, pts, exclude=torch.arange(n), count=n - 1)
+        scores = {k: float(((log_err[order[:, :k]].mean(1) - log_err) ** 2).mean())
+                  for k in (1, 2, 4, 8, 16, 32, 64) if k < n}
+        return min(scores, key=scores.get)
+
+    @torch.no_grad()
+    def _condition(self) -> None:
+        """What predictions need; called by fit and by load (one path)."""
+        if not self.local:
+            n = self.x_.shape[0]
+            k = _k(self.kernel_, self.x_, self.x_) + (self.log_noise_.exp() + 1e-8) * torch.eye(n, dtype=torch.float64)
+            self.chol_ = torch.linalg.cholesky(k)
+            self.alpha_ = torch.cholesky_solve(self.y_, self.chol_)
+
+    # -- predict ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, tau_star: Tensor) -> FunctionPrediction:
+        x = self._inputs(tau_star)
+        noise = self.log_noise_.exp()
+        kss = _kdiag(self.kernel_, x) + noise
+        if self.local:
+            nbrs = self._nearest(x, self.x_)
+            xn = self.x_[nbrs]
+            knn = _k(self.kernel_, xn, xn) + (noise + 1e-8) * torch.eye(nbrs.shape[1], dtype=torch.float64)
+            ksn = _k(self.kernel_, x[:, None, :], xn)[:, 0, :]
+            w = torch.cholesky_solve(ksn[..., None], torch.linalg.cholesky(knn))[..., 0]
+            mean = torch.einsum("qm,qmd->qd", w, self.y_[nbrs])
+            explained = (w * ksn).sum(-1)
+        else:
+            k_zoo = _k(self.kernel_, x, self.x_)  # (q, n)
+            mean = k_zoo @ self.alpha_
+            v = torch.cholesky_solve(k_zoo.T, self.chol_)
+            explained = (k_zoo.T * v).sum(0)
+        var = (kss - explained).clamp_min(1e-12)
+        # expected relative error: the nearest zoo models' LOO errors (geometric mean), grown by
+        # how much less the GP knows here than at a typical zoo model
+        near = self._nearest(self._metric(x), self._metric(self.x_[self.loo_index_]),
+                             count=self.error_neighbours_)
+        smoothed = self.loo_error_.clamp_min(1e-12).log()[near].mean(1).exp()
+        expected = smoothed * (var / self.loo_var_.median()).clamp_min(1).sqrt()
+        return FunctionPrediction((mean + self.mu_).float(), var.sqrt().float(), self.basis_.float(),
+                                  self.residual_.float(), (var / kss).clamp(0, 1).float(), expected.float())
+
+    @torch.no_grad()
+    def loo_predictions(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Leave-one-out predictive mean ``(a, m)`` and scale ``(a,)`` of zoo models ``index``:
+        what the GP would have told each of them as a new device."""
+        if self.local:
+            loo = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, index)
+        else:
+            full = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, None)
+            loo = _Loo(full.residual[index], full.variance[index], index)
+        return self.y_[index] - loo.residual + self.mu_, loo.variance.sqrt()
+
+    def loo_residuals(self) -> Tensor:
+        """The zoo's own leave-one-out residuals at the fitted settings ``(n, m)`` (exact zoos)."""
+        with torch.no_grad():
+            return self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, None).residual
+
+    # -- persistence --------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Tensors and JSON-able settings that :meth:`from_state` rebuilds this from."""
+        tensors = {"x": self.x_, "y": self.y_, "mu": self.mu_, "loc": self.loc_, "tau_scale": self.tau_scale_,
+                   "log_noise": self.log_noise_, "basis": self.basis_, "residual": self.residual_,
+                   "loo_var": self.loo_var_, "loo_error": self.loo_error_, "loo_index": self.loo_index_}
+        tensors |= {f"kernel.{k}": v for k, v in self.kernel_.state_dict().items()}
+        meta = {"kernel": self.kernel_name_, "candidates": self.candidates_,
+                "error_neighbours": self.error_neighbours_,
+                "settings": {"kernel": self.kernel_choice, "exact_fit": self.exact_fit, "max_exact": self.max_exact,
+                             "neighbours": self.neighbours, "anchors": self.anchors, "steps": self.steps,
+                             "lr": self.lr, "rank": self.rank, "coverage": self.coverage, "seed": self.seed}}
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], meta: dict) -> "FunctionSpaceGP":
+        self = cls(**meta["settings"])
+        self.kernel_name_, self.candidates_ = meta["kernel"], meta["candidates"]
+        self.x_, self.y_, self.mu_ = tensors["x"], tensors["y"], tensors["mu"]
+        self.loc_, self.tau_scale_, self.log_noise_ = tensors["loc"], tensors["tau_scale"], tensors["log_noise"]
+        self.basis_, self.residual_ = tensors["basis"], tensors["residual"]
+        self.loo_var_, self.loo_error_ = tensors["loo_var"], tensors["loo_error"]
+        self.loo_index_ = tensors["loo_index"].long()
+        self.error_neighbours_ = int(meta["error_neighbours"])
+        self.kernel_ = make_kernel(self.kernel_name_, self.x_.shape[1])
+        self.kernel_.load_state_dict({k[len("kernel."):]: v for k, v in tensors.items() if k.startswith("kernel.")})
+        self.kernel_.requires_grad_(False)
+        self._condition()
+        return self
+
+
+def _k(kernel: gpytorch.kernels.Kernel, a: Tensor, b: Tensor) -> Tensor:
+    """A dense kernel matrix; sums are summed densely (gpytorch would add a low-rank linear
+    part through an iterative root decomposition)."""
+    if isinstance(kernel, gpytorch.kernels.AdditiveKernel):
+        return sum(_k(part, a, b) for part in kernel.kernels)
+    return kernel(a, b).to_dense()
+
+
+def _kdiag(kernel: gpytorch.kernels.Kernel, a: Tensor) -> Tensor:
+    if isinstance(kernel, gpytorch.kernels.AdditiveKernel):
+        return sum(_kdiag(part, a) for part in kernel.kernels)
+    return kernel(a, a, diag=True)
+
+
+def _quantile(coverage: float) -> float:
+    """``Phi^-1((1 + coverage) / 2)``: half-width of a central Gaussian band, in stds."""
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + coverage) / 2)))

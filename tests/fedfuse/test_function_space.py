@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from fedfuse.function_space import FunctionSpaceGP, _k
+from fedfuse.kernels import OverlapKernel, is_set_valued, make_kernel
+
+
+def _smooth_zoo(n: int, seed: int, noise: float = 0.01):
+    """Signatures that depend smoothly on the first descriptor entry only."""
+    gen = torch.Generator().manual_seed(seed)
+    tau = torch.rand(n, 2, generator=gen) * 4
+    grid = torch.linspace(-3, 3, 16)
+    sig = torch.sin(grid[None, :] + tau[:, :1]) * (1 + 0.3 * tau[:, :1])
+    return tau, sig + noise * torch.randn(sig.shape, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    tau, sig = _smooth_zoo(40, 0)
+    return tau, sig, FunctionSpaceGP(kernel="rbf", steps=40).fit(tau, sig)
+
+
+def test_closed_form_loo_equals_brute_force_refits(fitted):
+    tau, sig, gp = fitted
+    x, y = gp.x_, gp.y_
+    noise = gp.log_noise_.exp()
+    brute = []
+    for i in range(len(x)):
+        keep = torch.arange(len(x)) != i
+        k = _k(gp.kernel_, x[keep], x[keep]) + (noise + 1e-8) * torch.eye(len(x) - 1, dtype=torch.float64)
+        pred = _k(gp.kernel_, x[i : i + 1], x[keep]) @ torch.linalg.solve(k, y[keep])
+        brute.append(y[i] - pred[0])
+    assert torch.allclose(gp.loo_residuals(), torch.stack(brute), atol=1e-8)
+
+
+def test_local_loo_equals_exact_when_the_neighbourhood_is_the_zoo(fitted):
+    _, _, gp = fitted
+    n = gp.x_.shape[0]
+    local = gp._loo(gp.kernel_, gp.log_noise_, gp.x_, gp.y_, torch.arange(n))  # n - 1 neighbours each
+    exact = gp._loo(gp.kernel_, gp.log_noise_, gp.x_, gp.y_, None)
+    assert torch.allclose(local.residual, exact.residual, atol=1e-6)
+    assert torch.allclose(local.variance, exact.variance, atol=1e-6)
+
+
+def test_fitting_lowers_the_loo_error_and_finds_the_irrelevant_entry(fitted):
+    tau, sig, gp = fitted
+    start = FunctionSpaceGP(kernel="rbf", steps=0).fit(tau, sig)
+    assert gp.candidates_["rbf"] < start.candidates_["rbf"]
+    ls = gp.kernel_.lengthscale.flatten()
+    assert ls[1] > 2 * ls[0]  # the signatures ignore tau[:, 1]
+
+
+def test_prediction_beats_the_zoo_mean_and_nearest_neighbour_on_new_tasks(fitted):
+    tau, sig, gp = fitted
+    new_tau, new_sig = _smooth_zoo(30, 1, noise=0.0)
+    pred = gp.predict(new_tau)
+    err = (pred.mean - new_sig).pow(2).mean()
+    nearest = sig[torch.cdist(new_tau, tau).argmin(1)]
+    assert err < 0.5 * (nearest - new_sig).pow(2).mean()
+    assert err < 0.05 * (sig.mean(0) - new_sig).pow(2).mean()
+
+
+def test_band_is_calibrated_on_held_out_tasks():
+    tau, sig = _smooth_zoo(120, 2, noise=0.05)
+    gp = FunctionSpaceGP(kernel="rbf", steps=40).fit(tau, sig)
+    new_tau, new_sig = _smooth_zoo(200, 3, noise=0.05)
+    pred = gp.predict(new_tau)
+    half = 1.6449 * pred.variance.sqrt()
+    coverage = ((new_sig - pred.mean).abs() <= half).float().mean()
+    assert 0.8 < coverage < 0.97
+
+
+def test_novelty_and_expected_error_grow_far_from_the_zoo(fitted):
+    _, _, gp = fitted
+    pred = gp.predict(torch.tensor([[2.0, 2.0], [40.0, 2.0]]))
+    assert pred.novelty[0] < 0.2 < 0.9 < pred.novelty[1] <= 1.0
+    assert pred.expected_error[1] > pred.expected_error[0]
+
+
+def test_state_round_trip_predicts_identically(fitted):
+    _, _, gp = fitted
+    tensors, meta = gp.state()
+    back = FunctionSpaceGP.from_state(tensors, meta)
+    q = torch.tensor([[1.0, 3.0], [0.2, 0.1]])
+    a, b = gp.predict(q), back.predict(q)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.variance, b.variance)
+    assert torch.equal(a.expected_error, b.expected_error)
+
+
+def test_local_prediction_for_large_zoos_tracks_the_exact_one():
+    tau, sig = _smooth_zoo(300, 4)
+    exact = FunctionSpaceGP(kernel="rbf", steps=20).fit(tau, sig)
+    local = FunctionSpaceGP(kernel="rbf", steps=20, exact_fit=100, max_exact=100, neighbours=64,
+                            anchors=128).fit(tau, sig)
+    assert local.local and not exact.local
+    q, truth = _smooth_zoo(50, 5, noise=0.0)
+    e_exact = (exact.predict(q).mean - truth).pow(2).mean()
+    e_local = (local.predict(q).mean - truth).pow(2).mean()
+    assert e_local < 2 * e_exact + 1e-4
+
+
+def test_overlap_kernel_is_a_function_of_overlap_and_positive_definite():
+    sets = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1], [1, 1, 1, 0]])
+    kernel = OverlapKernel().double()
+    with torch.no_grad():
+        kernel.lengthscale = 1.0
+        k = kernel(sets.double(), sets.double()).to_dense()
+    assert torch.allclose(torch.diagonal(k), torch.ones(5, dtype=torch.float64))
+    assert math.isclose(float(k[0, 1]), math.exp(-(1 - 0.5)), rel_tol=1e-9)  # one shared of two each
+    assert torch.linalg.eigvalsh(k).min() > 0
+    assert is_set_valued(sets) and not is_set_valued(sets - 0.5)
+
+
+def test_auto_tries_overlap_only_for_set_valued_descriptors():
+    tau, sig = _smooth_zoo(20, 6)
+    assert "overlap" not in FunctionSpaceGP(steps=5).fit(tau - 2, sig).candidates_
+    assert "overlap" in FunctionSpaceGP(steps=5).fit(tau, sig).candidates_
+    with pytest.raises(ValueError, match="unknown kernel"):
+        make_kernel("cosine", 2)
