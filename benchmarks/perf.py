@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedfuse.alignment import align_zoo
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import serial_map
 from fedfuse.tasks import sine

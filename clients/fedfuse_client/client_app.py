@@ -1,5 +1,9 @@
-"""The device side: one-shot upload of a locally trained model; local fine-tuning of a
-personalized initializer. Only weights, metadata and metrics ever leave the device."""
+"""The device side, for any task family: one upload of a locally trained model, and local
+adaptation of a personalized initializer. Only weights, metadata and metrics leave the device.
+
+Messages are routed by their Flower type (:mod:`fedfuse.wire` lists them): ``train.upload``,
+``query.describe``, ``query.receipt`` and ``train.personalize``.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +11,54 @@ import logging
 import zlib
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
 from fedfuse.finetune import condition_readout, finetune
+from fedfuse.records import from_records, to_records
 from fedfuse.runconfig import RunConfig
-from fedfuse_client.data import LocalData, local_data
+from fedfuse.tasks import LocalData, TaskFamily, get_family
+from fedfuse_client.data import local_data
 
 log = logging.getLogger("fedfuse_client")
 
 
-def _flat_record(weights: torch.Tensor) -> ArrayRecord:
-    return ArrayRecord({wire.FLAT: Array(weights.detach().cpu().numpy().astype(np.float32))})
+def _seed(data: LocalData) -> int:
+    return zlib.crc32(data.client_id.encode())
 
 
-def upload_content(data: LocalData, cfg: RunConfig) -> RecordDict:
-    """Train from this device's own random init on its own data; share weights + metadata."""
+def upload_payload(family: TaskFamily, data: LocalData, cfg: RunConfig) -> wire.Payload:
+    """Train this device's own model from its own init on its own data and share it once; a
+    new device has nothing to share and declines."""
     if data.role != "zoo":
-        return RecordDict({wire.META: ConfigRecord({"client-id": data.client_id,
-                                                    wire.STATUS: wire.DECLINED})})
-    gen = torch.Generator().manual_seed(zlib.crc32(data.client_id.encode()))
-    init = data.spec.init(1, gen)
-    weights = finetune(data.spec, init, data.x[None], data.y[None], cfg.train_steps, 1e-2)[0]
-    meta = wire.upload_meta(data.client_id, data.spec, data.tau, data.x.shape[0])
-    return RecordDict({wire.WEIGHTS: _flat_record(weights), wire.META: ConfigRecord(meta)})
+        return wire.decline(data.client_id)
+    weights = family.train(data, _seed(data), cfg.train_steps or None)
+    return wire.upload(data.client_id, family.arch, weights, data.tau, len(data.y))
 
 
-def personalize_content(msg: Message, data: LocalData, cfg: RunConfig) -> RecordDict:
-    """Adapt the initializer to the local shots (conditioning its readout under the prior the
-    server sent, or plain fine-tuning without one); report scores on held-back examples, next to
-    a cold start fine-tuned locally (the device's own baseline)."""
-    arrays = {k: v.numpy() for k, v in msg.content[wire.INIT].items()}
-    init = torch.from_numpy(arrays[wire.FLAT]).float()[None]
-    data.spec.check_flat(init)
-    gen = torch.Generator().manual_seed(zlib.crc32(data.client_id.encode()))
-    cold = data.spec.init(1, gen)
-    x, y = data.x[None], data.y[None]
-    prior = wire.readout_prior(data.spec, init[0], arrays)
-    tuned = (finetune(data.spec, init, x, y, cfg.finetune_steps, cfg.finetune_lr) if prior is None
-             else condition_readout(data.spec, init, prior, x, y, "mse"))
-    cold_tuned = finetune(data.spec, cold, x, y, cfg.finetune_steps, cfg.finetune_lr)
-    metrics: dict[str, Any] = {
-        "shots": int(data.x.shape[0]),
-        "score-0shot": float(data.score(init)[0]),
-        "score-finetuned": float(data.score(tuned)[0]),
-        "cold-score-0shot": float(data.score(cold)[0]),
-        "cold-score-finetuned": float(data.score(cold_tuned)[0]),
-    }
-    return RecordDict({wire.METRICS: MetricRecord(metrics)})
+def adapt(family: TaskFamily, init: wire.Initializer, data: LocalData) -> torch.Tensor:
+    """The initializer adapted to the local shots: its readout conditioned on them under the
+    prior the server sent (the device's own cross-validation decides how far); unchanged with
+    fewer than two shots or without a prior."""
+    weights = init.weights[None]
+    if init.readout is None or len(data.y) < 2:
+        return weights
+    return condition_readout(family.arch, weights, init.readout, data.x[None], data.y[None], family.loss)
+
+
+def metrics_payload(family: TaskFamily, init: wire.Initializer, data: LocalData, cfg: RunConfig) -> wire.Payload:
+    """Scores on the held-back examples: the initializer as received and adapted, next to a cold
+    start trained on the same shots with the family's local recipe (the device's own baseline)."""
+    adapted = adapt(family, init, data)
+    cold = family.arch.init(1, torch.Generator().manual_seed(_seed(data)))
+    r = family.recipe
+    cold_tuned = finetune(family.arch, cold, data.x[None], data.y[None], cfg.finetune_steps or r.finetune_steps,
+                          cfg.finetune_lr or r.finetune_lr, loss=family.loss)
+    score = lambda w: float(family.evaluate(w, data)[0])  # noqa: E731
+    return wire.metrics(len(data.y), score(init.weights[None]), score(adapted), score(cold), score(cold_tuned))
 
 
 def build_client_app(mods: list[Mod] | None = None, **overrides: Any) -> ClientApp:
@@ -66,35 +66,40 @@ def build_client_app(mods: list[Mod] | None = None, **overrides: Any) -> ClientA
     ``mods`` wrap every exchange (Flower's middleware)."""
     app = ClientApp(mods=mods or [])
 
-    def setup(context: Context) -> tuple[RunConfig, LocalData]:
+    def setup(context: Context) -> tuple[RunConfig, TaskFamily, LocalData]:
         torch.set_num_threads(1)
         cfg = RunConfig.from_run_config(context.run_config, **overrides)
-        return cfg, local_data(context.node_config, cfg)
+        family = get_family(cfg.family)
+        return cfg, family, local_data(context.node_config, cfg, family)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg, data = setup(context)
-        action = msg.content[wire.CONFIG][wire.ACTION]
-        if action == wire.UPLOAD:
-            return Message(upload_content(data, cfg), reply_to=msg)
-        if action == wire.PERSONALIZE:
-            return Message(personalize_content(msg, data, cfg), reply_to=msg)
-        raise ValueError(f"unknown action {action!r}")
+    def reply(msg: Message, payload: wire.Payload) -> Message:
+        return Message(to_records(payload), reply_to=msg)
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        _, data = setup(context)
-        config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else {}
-        if config.get(wire.ACTION) == wire.RECEIPT:
-            receipt = msg.content[wire.META]
-            if receipt[wire.STATUS] == wire.REJECTED:
-                log.warning("device %s: the server rejected its upload: %s", data.client_id,
-                            receipt[wire.REASON])
-            else:
-                log.info("device %s: upload accepted", data.client_id)
-            return Message(RecordDict(), reply_to=msg)
-        meta = ConfigRecord({"client-id": data.client_id, "tau": [float(t) for t in data.tau]})
-        return Message(RecordDict({wire.META: meta}), reply_to=msg)
+    @app.train("upload")
+    def upload(msg: Message, context: Context) -> Message:
+        cfg, family, data = setup(context)
+        return reply(msg, upload_payload(family, data, cfg))
+
+    @app.query("describe")
+    def describe(msg: Message, context: Context) -> Message:
+        _, _, data = setup(context)
+        return reply(msg, wire.description(data.client_id, data.tau))
+
+    @app.query("receipt")
+    def receipt(msg: Message, context: Context) -> Message:
+        _, _, data = setup(context)
+        accepted, reason = wire.parse_receipt(from_records(msg.content))
+        if accepted:
+            log.info("device %s: upload accepted", data.client_id)
+        else:
+            log.warning("device %s: the server rejected its upload: %r", data.client_id, reason)
+        return Message(RecordDict(), reply_to=msg)
+
+    @app.train("personalize")
+    def personalize(msg: Message, context: Context) -> Message:
+        cfg, family, data = setup(context)
+        init = wire.parse_initializer(from_records(msg.content), family.arch)
+        return reply(msg, metrics_payload(family, init, data, cfg))
 
     return app
 

@@ -25,7 +25,7 @@ import torch
 
 from fedfuse.errors import FedfuseError, ZooError
 from fedfuse.io import load_tensors, save_tensors
-from fedfuse.layout import MLPSpec
+from fedfuse import architectures
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap
 from fedfuse.wire import Upload
@@ -147,7 +147,7 @@ class ModelStore:
             if _sha256(path) != digest:
                 raise FedfuseError(f"store file {path} for client {cid!r} does not match its index entry")
             tensors, meta = load_tensors(path)
-            s = MLPSpec.from_dict(meta["spec"])
+            s = architectures.from_dict(meta["spec"])
             if spec is None:
                 spec = s
             records.append((cid, tensors["weights"], tensors["tau"], n_examples))

@@ -1,11 +1,12 @@
 """Function-preserving alignment: hidden-unit permutations from the ELBO's likelihood cost.
 
 Model ``i`` is observed as ``gamma_i ~ N(A_i m_i, diag A_i v_i)`` (Eq. 6) where ``A_i`` ranges
-over the network's symmetry group: independent permutations of each hidden layer's units.
+over the network's symmetry group: independent permutations of each group of hidden units that
+the architecture declares (the units of an MLP layer, the channels of a convolution).
 Given the decoder's canonical mean and variance, the cost of sending model unit ``u`` to
 canonical unit ``v`` is ``-E_q log N(gamma_i[unit u] | m[unit v], v[unit v])`` summed over the
-unit's weights (Eq. 18 restricted to the symmetry group); each layer is a linear assignment
-solved exactly with the other layers fixed (coordinate ascent, never lowering the likelihood).
+unit's weights (Eq. 18 restricted to the symmetry group); each group is a linear assignment
+solved exactly with the other groups fixed (coordinate ascent, never lowering the likelihood).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import Architecture
 from fedfuse.parallel import ParallelMap, serial_map
 
 
@@ -34,7 +35,7 @@ def unit_cost(units: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarra
 
 
 def align_model(
-    spec: MLPSpec,
+    spec: Architecture,
     gamma: np.ndarray,
     mean: np.ndarray,
     var: np.ndarray,
@@ -42,19 +43,18 @@ def align_model(
     max_sweeps: int = 3,
 ) -> list[np.ndarray]:
     """Best hidden-unit permutations of one model ``gamma`` ``(d,)`` against ``mean``/``var``
-    ``(S, d)`` in canonical order; returns one index vector per hidden layer, where entry ``v``
-    is the model unit placed at canonical position ``v``."""
-    perms = [p.copy() for p in perms] if perms is not None else [
-        np.arange(h) for h in spec.hidden_sizes
-    ]
-    if spec.num_hidden_layers == 0:
+    ``(S, d)`` in canonical order; returns one index vector per permutation group, where entry
+    ``v`` is the model unit placed at canonical position ``v``."""
+    sizes = spec.perm_sizes
+    perms = [p.copy() for p in perms] if perms is not None else [np.arange(h) for h in sizes]
+    if not sizes:
         return perms
-    unit_idx = [spec.unit_index(li).numpy() for li in range(spec.num_hidden_layers)]
-    for _ in range(max_sweeps if spec.num_hidden_layers > 1 else 1):
+    unit_idx = [spec.unit_index(li).numpy() for li in range(len(sizes))]
+    for _ in range(max_sweeps if len(sizes) > 1 else 1):
         changed = False
-        for li in range(spec.num_hidden_layers):
+        for li in range(len(sizes)):
             others = [torch.as_tensor(p) for p in perms]
-            others[li] = torch.arange(spec.hidden_sizes[li])
+            others[li] = torch.arange(sizes[li])
             x = gamma[spec.gather_index(others).numpy()]
             idx = unit_idx[li]
             cost = unit_cost(x[idx], mean[:, idx], var[:, idx])
@@ -72,7 +72,7 @@ def align_model(
 class AlignChunk:
     """A slice of the zoo sent to one worker: plain arrays, cheap to ship to Ray."""
 
-    spec: MLPSpec
+    spec: Architecture
     gamma: np.ndarray  # (b, d)
     mean: np.ndarray  # (b, S, d)
     var: np.ndarray  # (b, S, d)
@@ -91,11 +91,11 @@ def align_chunk(chunk: AlignChunk) -> list[np.ndarray]:
         )
         for j in range(chunk.gamma.shape[0])
     ]
-    return [np.stack([o[li] for o in out]) for li in range(chunk.spec.num_hidden_layers)]
+    return [np.stack([o[li] for o in out]) for li in range(len(chunk.spec.perm_sizes))]
 
 
 def align_zoo(
-    spec: MLPSpec,
+    spec: Architecture,
     gamma: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -109,7 +109,7 @@ def align_zoo(
     outputs; ``perms`` per layer ``(n, H_l)``. Models are batched ``chunk_size`` per task so
     that a remote map's overhead stays small against the work.
     """
-    if spec.num_hidden_layers == 0:
+    if not spec.perm_sizes:
         return perms
     n = gamma.shape[0]
     g, m, v = (t.detach().float().numpy() for t in (gamma, mean, var))
@@ -122,30 +122,16 @@ def align_zoo(
     results = pmap(align_chunk, chunks)
     return [
         torch.from_numpy(np.concatenate([r[li] for r in results])).long()
-        for li in range(spec.num_hidden_layers)
+        for li in range(len(spec.perm_sizes))
     ]
 
 
-def apply_perms(spec: MLPSpec, gamma: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
+def apply_perms(spec: Architecture, gamma: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
     """Re-order each model of ``gamma`` ``(n, d)`` into canonical order, all models at once
-    (the batched form of :meth:`MLPSpec.permute`)."""
-    if spec.num_hidden_layers == 0:
+    (the batched form of :meth:`Architecture.permute`)."""
+    if not spec.perm_sizes:
         return gamma
-    n = gamma.shape[0]
-    params = spec.unflatten(gamma)
-    out = []
-    n_layers = len(params) // 2
-    for li in range(n_layers):
-        w, b = params[2 * li], params[2 * li + 1]
-        fan_out, fan_in = w.shape[1:]
-        if li < n_layers - 1:
-            rows = perms[li]
-            w = w.gather(1, rows[:, :, None].expand(-1, -1, fan_in))
-            b = b.gather(1, rows)
-        if li > 0:
-            w = w.gather(2, perms[li - 1][:, None, :].expand(-1, fan_out, -1))
-        out += [w.reshape(n, -1), b]
-    return torch.cat(out, dim=1)
+    return gamma.gather(1, spec.batched_gather_index(perms))
 
 
 def task_tree(tau: torch.Tensor, k: int = 10) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -181,14 +167,14 @@ def task_tree(tau: torch.Tensor, k: int = 10) -> tuple[np.ndarray, list[np.ndarr
 
 
 def chain_align(
-    spec: MLPSpec, gamma: torch.Tensor, tau: torch.Tensor, pmap: ParallelMap = serial_map,
+    spec: Architecture, gamma: torch.Tensor, tau: torch.Tensor, pmap: ParallelMap = serial_map,
     chunk_size: int = 64,
 ) -> list[torch.Tensor]:
     """Initial permutations: each model matched (unit variance) to its already-aligned parent in
     the task tree, level by level; models of one level are independent and fan out."""
     n = gamma.shape[0]
-    perms = [torch.arange(h).repeat(n, 1) for h in spec.hidden_sizes]
-    if spec.num_hidden_layers == 0 or n == 1:
+    perms = [torch.arange(h).repeat(n, 1) for h in spec.perm_sizes]
+    if not spec.perm_sizes or n == 1:
         return perms
     parents, levels = task_tree(tau)
     aligned = gamma.clone()
@@ -197,7 +183,7 @@ def chain_align(
         ref = aligned[parents[members]][:, None, :]
         new = align_zoo(spec, gamma[idx], ref, torch.ones_like(ref),
                         [p[idx] for p in perms], pmap, chunk_size)
-        for li in range(spec.num_hidden_layers):
+        for li in range(len(spec.perm_sizes)):
             perms[li][idx] = new[li]
         aligned[idx] = apply_perms(spec, gamma[idx], new)
     return perms

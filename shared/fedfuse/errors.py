@@ -17,5 +17,9 @@ class DescriptorError(FedfuseError):
     """A task descriptor of the wrong length or with non-finite entries."""
 
 
+class MessageRejected(FedfuseError):
+    """A device's message the server (or a server's message the device) refuses; says why."""
+
+
 class NotFittedError(FedfuseError, AttributeError):
     """A meta-model used before ``fit`` (same contract as scikit-learn's)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import Architecture
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.progress import progress_bar
 from fedfuse.readout import design, set_readout
 
 
-def loss_fn(spec: MLPSpec, flat: Tensor, x: Tensor, y: Tensor, kind: str) -> Tensor:
+def loss_fn(spec: Architecture, flat: Tensor, x: Tensor, y: Tensor, kind: str) -> Tensor:
     """Per-network loss ``(q,)``: mean squared error or cross-entropy (``y`` class indices)."""
     out = spec.forward(flat, x)
     if kind == "mse":
@@ -24,7 +24,7 @@ def loss_fn(spec: MLPSpec, flat: Tensor, x: Tensor, y: Tensor, kind: str) -> Ten
 
 
 def finetune(
-    spec: MLPSpec,
+    spec: Architecture,
     init: Tensor,
     x: Tensor,
     y: Tensor,
@@ -96,7 +96,7 @@ def _map_readout(phi: Tensor, prior: ReadoutGaussian, y: Tensor, weight: Tensor,
         return loc + (factor @ z[..., None])[..., 0] + diag.sqrt() * eta
 
 
-def condition_readout(spec: MLPSpec, mean: Tensor, prior: ReadoutGaussian, x: Tensor, y: Tensor,
+def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: Tensor, y: Tensor,
                       loss: str = "mse", strengths: tuple[float, ...] | None = None,
                       folds: int = 5, max_iter: int = 100) -> Tensor:
     """The MAP readout of each network given its shots under the posterior's Gaussian readout

@@ -31,7 +31,7 @@ from fedfuse.decoder import WeightDecoder
 from fedfuse.errors import FedfuseError, NotFittedError
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.io import load_tensors, save_tensors
-from fedfuse.layout import MLPSpec
+from fedfuse import architectures
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.pic import SparseLocalizedGP
 from fedfuse.posterior import DecodedCodes, ReadoutGaussian, WeightPosterior
@@ -142,7 +142,7 @@ class MetaModel:
         self.perms_ = (
             chain_align(spec, gamma, tau, pmap, self.chunk_size)
             if self.align
-            else [torch.arange(h).repeat(n, 1) for h in spec.hidden_sizes]
+            else [torch.arange(h).repeat(n, 1) for h in spec.perm_sizes]
         )
         aligned = apply_perms(spec, gamma, self.perms_)
         targets = None
@@ -404,7 +404,7 @@ class MetaModel:
         settings = meta["settings"]
         settings["hidden"] = tuple(settings["hidden"])
         self = cls(**settings, pmap=pmap)
-        self.spec_, self.ids_, self.history_ = MLPSpec.from_dict(meta["spec"]), meta["ids"], meta["history"]
+        self.spec_, self.ids_, self.history_ = architectures.from_dict(meta["spec"]), meta["ids"], meta["history"]
         self.n_rounds_ = len(self.history_)
         self.tau_loc_, self.tau_scale_ = tensors["tau_loc"], tensors["tau_scale"]
         self.log_alpha_ = nn.Parameter(tensors["log_alpha"])
@@ -417,7 +417,7 @@ class MetaModel:
         self.base_.load_state_dict(part("base"))
         self.decoder_ = WeightDecoder(self.base_dim + self.code_dim, self.spec_.num_weights, self.hidden)
         self.decoder_.load_state_dict(part("decoder"))
-        self.perms_ = [tensors[f"perms.{li}"].long() for li in range(self.spec_.num_hidden_layers)]
+        self.perms_ = [tensors[f"perms.{li}"].long() for li in range(len(self.spec_.perm_sizes))]
         self.gp_.condition(self.codes_.mean.detach())
         self.probe_ = tensors.get("probe")
         self.readout_ridge_ = meta["readout_ridge"]

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.distributions import Distribution, LowRankMultivariateNormal, constraints
 
 from fedfuse.decoder import WeightDecoder
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import Architecture
 
 
 @dataclass
@@ -76,7 +76,7 @@ class WeightPosterior(Distribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, spec: MLPSpec, mean: Tensor, *, code_loc: Tensor, code_variance: Tensor,
+    def __init__(self, spec: Architecture, mean: Tensor, *, code_loc: Tensor, code_variance: Tensor,
                  uncertainty: Tensor, novelty: Tensor, readout: ReadoutGaussian | None = None,
                  decoded: DecodedCodes | None = None,
                  moment_samples: int = 64, seed: int = 0) -> None:
@@ -132,6 +132,6 @@ class WeightPosterior(Distribution):
         with torch.no_grad():
             return self.rsample(sample_shape, generator)
 
-    def unflatten(self) -> list[list[Tensor]]:
-        """The initializers as per-task lists of layer tensors."""
+    def unflatten(self) -> list[dict[str, Tensor]]:
+        """The initializers as per-task named tensors (``state_dict``-like)."""
         return [self.spec.unflatten(row) for row in self.mean]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import Architecture
 
 
-def design(spec: MLPSpec, weights: Tensor, x: Tensor) -> Tensor:
+def design(spec: Architecture, weights: Tensor, x: Tensor) -> Tensor:
     """``(q, N, h + 1)``: each network's features at inputs ``x`` and a constant for the bias
     (``(q, N, d)`` for a bare vector, which has no bias)."""
     h = spec.features(weights, x).double()
@@ -23,7 +23,7 @@ def design(spec: MLPSpec, weights: Tensor, x: Tensor) -> Tensor:
     return torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=h.dtype)], dim=-1)
 
 
-def readout_map(spec: MLPSpec, weights: Tensor, probe: Tensor, ridge: float = 1e-3
+def readout_map(spec: Architecture, weights: Tensor, probe: Tensor, ridge: float = 1e-3
                 ) -> tuple[Tensor, Tensor]:
     """``(A, B)`` with ``readout = A @ target + B @ current`` the ridge solution, per network:
     ``A`` ``(q, h + 1, N)``, ``B`` ``(q, h + 1, h + 1)``. The ridge is relative to the features'
@@ -38,12 +38,12 @@ def readout_map(spec: MLPSpec, weights: Tensor, probe: Tensor, ridge: float = 1e
     return a, b
 
 
-def get_readout(spec: MLPSpec, weights: Tensor) -> Tensor:
+def get_readout(spec: Architecture, weights: Tensor) -> Tensor:
     """``(q, h + 1, out)`` readout blocks of flat weights ``(q, d)``."""
     return weights[:, spec.readout_index]
 
 
-def set_readout(spec: MLPSpec, weights: Tensor, readout: Tensor) -> Tensor:
+def set_readout(spec: Architecture, weights: Tensor, readout: Tensor) -> Tensor:
     """A copy of ``weights`` with the readout blocks replaced."""
     out = weights.clone()
     out[:, spec.readout_index.flatten()] = readout.reshape(readout.shape[0], -1).to(out.dtype)

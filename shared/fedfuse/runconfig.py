@@ -19,20 +19,19 @@ PHASES = ("collect", "fit", "personalize")
 class RunConfig:
     phase: str = "collect,fit,personalize"  # any comma-separated subset of PHASES, in order
     store: str = "runs/store"  # the server's model store (relative paths resolve from cwd)
-    family: str = "sine"
+    family: str = "sine"  # a registered task family or "package.module:object"
     num_clients: int = 20  # simulated devices that train and upload a model
     num_new: int = 5  # simulated new devices that only get personalized
     seed: int = 0
-    train_points: int = 200
-    train_steps: int = 1000
-    shots: int = 10
-    finetune_steps: int = 500
-    finetune_lr: float = 0.01
+    shots: int = 10  # a new device's examples (per class for classification families)
+    train_steps: int = 0  # a zoo device's local training steps (0: the family's recipe)
+    finetune_steps: int = 0  # the cold-start baseline's steps (0: the family's recipe)
+    finetune_lr: float = 0.0  # and its learning rate (0: the family's recipe)
     quorum: float = 0.8  # fraction of the contacted devices whose valid upload a round needs
     wait_for_nodes: float = 120.0  # seconds to wait for the expected devices to connect
     round_timeout: float = 600.0  # seconds to wait for replies in one exchange
-    fit_rounds: int = 10
-    fit_steps: int = 250
+    fit_rounds: int = 0  # meta-model rounds (0: the family's setting)
+    fit_steps: int = 0  # Adam steps per round (0: the family's setting)
     parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
     screen: float = 10.0  # robust z-score above which a model is excluded as an outlier (0: off)
 

@@ -35,7 +35,7 @@ def signatures(zoo: ModelZoo, probe: Tensor | None) -> Tensor:
     if probe is not None and not zoo.spec.is_vector:
         with torch.no_grad():
             return zoo.spec.forward(zoo.weights, probe.float()).flatten(1)
-    parts = [p.flatten(1).abs().sort(dim=1).values for p in zoo.spec.unflatten(zoo.weights)]
+    parts = [p.flatten(1).abs().sort(dim=1).values for p in zoo.spec.unflatten(zoo.weights).values()]
     return torch.cat(parts, dim=1)
 
 

@@ -1,180 +1,292 @@
-"""What crosses the wire, as plain values (the apps wrap them in Flower records).
+"""The protocol: every message between the server and a device, one builder and one parser each.
 
-An upload carries the flat weights, the architecture, the task descriptor, the client's own id
-and its number of training examples; a new client's query reply carries its id and descriptor;
-its personalization reply carries metrics only. Parsers refuse anything else with a reason.
+Devices never call the server; the server asks and the devices answer. Every message is routed
+by its Flower message type (``train.<action>`` or ``query.<action>``):
+
+==================  ====================  ==================================================
+request (server)    reply (device)        content of the reply / request
+==================  ====================  ==================================================
+``train.upload``    upload                arrays ``flat``; config ``client-id``, ``arch``
+                                          (JSON), ``tau``, ``n-examples``
+``train.upload``    decline               config ``client-id``, ``status = "declined"``
+``query.describe``  description           config ``client-id``, ``tau``
+``query.receipt``   (empty)               request config ``status`` (accepted/rejected),
+                                          ``reason``
+``train.personalize`` metrics             request: arrays ``flat`` [, ``readout-factor``,
+                                          ``readout-diag``], config ``uncertainty``,
+                                          ``novelty``; reply: metrics ``shots``,
+                                          ``score-0shot``, ``score-adapted``,
+                                          ``cold-score-0shot``, ``cold-score-adapted``
+==================  ====================  ==================================================
+
+A message's content is a :class:`Payload` (one array, one config and one metric record, each
+possibly empty), plain values that :mod:`fedfuse.records` maps to Flower records. Parsers refuse
+anything else with :class:`~fedfuse.errors.MessageRejected` and a reason; nothing a device
+sends is trusted before it is checked, and no array is decoded before its declared size is.
+No raw example, label or gradient ever leaves a device.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 
-from fedfuse.errors import FedfuseError
-from fedfuse.layout import MLPSpec
+from fedfuse import architectures
+from fedfuse.architectures import Architecture
+from fedfuse.errors import ArchitectureError, MessageRejected
 
 if TYPE_CHECKING:
     from fedfuse.posterior import ReadoutGaussian, WeightPosterior
 
-# record names inside a message's RecordDict
-WEIGHTS, META, CONFIG, METRICS, INIT = "weights", "meta", "config", "metrics", "init"
-FLAT = "flat"  # the single array inside the weights / init ArrayRecord
-# the initializer's readout prior, next to its weights (see fedfuse.finetune.condition_readout)
+# Flower message types of the server's requests
+UPLOAD, DESCRIBE, RECEIPT, PERSONALIZE = "train.upload", "query.describe", "query.receipt", "train.personalize"
+# keys
+FLAT = "flat"
 READOUT_FACTOR, READOUT_DIAG = "readout-factor", "readout-diag"
-# message actions (in the server's CONFIG record)
-ACTION, UPLOAD, PERSONALIZE = "action", "upload", "personalize"
-# status a device answers an upload request with when it has no model of its own to share
-STATUS, DECLINED = "status", "declined"
-
-UPLOAD_META_KEYS = frozenset({"client-id", "arch-sizes", "activation", "tau", "n-examples"})
-QUERY_META_KEYS = frozenset({"client-id", "tau"})
-DECLINE_META_KEYS = frozenset({"client-id", STATUS})
-METRIC_KEYS = frozenset({"shots", "score-0shot", "score-finetuned", "cold-score-0shot",
-                         "cold-score-finetuned"})
+STATUS, REASON, DECLINED, ACCEPTED, REJECTED = "status", "reason", "declined", "accepted", "rejected"
+UPLOAD_KEYS = frozenset({"client-id", "arch", "tau", "n-examples"})
+METRIC_KEYS = ("shots", "score-0shot", "score-adapted", "cold-score-0shot", "cold-score-adapted")
+# limits: anything beyond them is refused before it is decoded
 MAX_CLIENT_ID = 128
-MAX_TAU = 4096  # descriptor entries
-MAX_LAYERS = 32
-MAX_WIDTH = 1_000_000
-MAX_WEIGHTS = 50_000_000  # 200 MB of float32: anything larger is refused before it is read
+MAX_TAU = 4096
+MAX_ARCH_JSON = 4096
+MAX_WEIGHTS = 50_000_000  # 200 MB of float32
 MAX_ABS_WEIGHT = 1e4  # a trained weight this large means a broken or hostile model
-# a device's answer to a receipt (the server telling it whether its upload was accepted)
-RECEIPT, REASON, ACCEPTED, REJECTED = "receipt", "reason", "accepted", "rejected"
+MAX_ABS_TAU = 1e30  # far inside float32, so a stored descriptor stays finite
 
 
-def initializer_arrays(post: "WeightPosterior", j: int) -> dict[str, np.ndarray]:
-    """What a new device receives for task ``j`` of a posterior: the initializer's flat weights
-    and, where there is one, its Gaussian readout prior (low-rank factor and diagonal)."""
-    out = {FLAT: post.mean[j].detach().numpy().astype(np.float32)}
-    if post.readout is not None:
-        out[READOUT_FACTOR] = post.readout.factor[j].detach().numpy().astype(np.float32)
-        out[READOUT_DIAG] = post.readout.diag[j].detach().numpy().astype(np.float32)
-    return out
+@dataclass(frozen=True)
+class Payload:
+    """A message's content as plain values: arrays, config values, metrics."""
 
-
-def readout_prior(spec: MLPSpec, flat: torch.Tensor, arrays: Mapping[str, np.ndarray]) -> "ReadoutGaussian | None":
-    """The device side of :func:`initializer_arrays`: the readout prior for weights ``flat``
-    ``(d,)`` of architecture ``spec``, or ``None`` when the server sent none. Shapes are checked
-    against the device's own architecture."""
-    from fedfuse.posterior import ReadoutGaussian
-
-    if READOUT_FACTOR not in arrays or READOUT_DIAG not in arrays:
-        return None
-    factor, diag = np.asarray(arrays[READOUT_FACTOR]), np.asarray(arrays[READOUT_DIAG])
-    p = spec.readout_index.numel()
-    if factor.ndim != 2 or factor.shape[0] != p or diag.shape != (p,):
-        raise FedfuseError(f"readout prior of shape {factor.shape}/{diag.shape} does not fit "
-                           f"architecture {list(spec.sizes)} ({p} readout entries)")
-    loc = flat[spec.readout_index.flatten()]
-    return ReadoutGaussian(loc[None], torch.from_numpy(factor).float()[None], torch.from_numpy(diag).float()[None])
-
-
-class UploadRejected(FedfuseError):
-    """An upload the server refuses; the message says exactly why."""
+    arrays: dict[str, Any] = field(default_factory=dict)  # numpy arrays, or undecoded arrays
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, int | float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Upload:
     client_id: str
-    spec: MLPSpec
+    spec: Architecture
     weights: torch.Tensor
     tau: list[float]
     n_examples: int
 
 
-def upload_meta(client_id: str, spec: MLPSpec, tau: list[float], n_examples: int) -> dict[str, Any]:
-    return {"client-id": client_id, "arch-sizes": list(spec.sizes), "activation": spec.activation,
-            "tau": [float(t) for t in tau], "n-examples": int(n_examples)}
+@dataclass(frozen=True)
+class Initializer:
+    """What a new device receives: its initializer and, where there is one, the Gaussian prior
+    of its readout (for :func:`fedfuse.finetune.condition_readout`)."""
+
+    weights: torch.Tensor  # (d,)
+    readout: "ReadoutGaussian | None"
+    uncertainty: float
+    novelty: float
 
 
-def client_id_of(meta: Mapping[str, Any]) -> str:
-    cid = meta.get("client-id")
-    if not isinstance(cid, str) or not cid or len(cid) > MAX_CLIENT_ID or not cid.isprintable():
-        raise UploadRejected(f"client-id must be a printable string of 1-{MAX_CLIENT_ID} "
-                             f"characters, got {str(cid)[:40]!r}")
-    return cid
+# -- upload / decline ---------------------------------------------------------------------------
+def upload(client_id: str, spec: Architecture, weights: torch.Tensor, tau: list[float], n_examples: int) -> Payload:
+    return Payload(arrays={FLAT: weights.detach().cpu().numpy().astype(np.float32).reshape(-1)},
+                   config={"client-id": client_id, "arch": json.dumps(spec.to_dict()),
+                           "tau": [float(t) for t in tau], "n-examples": int(n_examples)})
 
 
-def parse_tau(meta: Mapping[str, Any], tau_dim: int | None) -> list[float]:
-    tau = meta.get("tau")
-    if not isinstance(tau, list) or not tau or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in tau):
-        raise UploadRejected(f"tau must be a non-empty list of numbers, got {type(tau).__name__}")
-    try:
-        values = [float(t) for t in tau]
-    except OverflowError as exc:
-        raise UploadRejected("tau has entries too large to represent") from exc
-    if not all(math.isfinite(t) for t in values):
-        raise UploadRejected("tau has non-finite entries")
-    if len(tau) > MAX_TAU:
-        raise UploadRejected(f"tau has {len(tau)} entries; at most {MAX_TAU} are accepted")
-    if tau_dim is not None and len(tau) != tau_dim:
-        raise UploadRejected(f"tau has length {len(tau)}; this federation's descriptors have length {tau_dim}")
-    return values
+def decline(client_id: str) -> Payload:
+    """A device with no model of its own to share (a new device)."""
+    return Payload(config={"client-id": client_id, STATUS: DECLINED})
 
 
-def parse_upload(meta: Mapping[str, Any], weights: np.ndarray, expected: MLPSpec | None = None,
-                 tau_dim: int | None = None) -> Upload:
-    """Validate one upload; ``expected``/``tau_dim`` pin the federation's architecture."""
-    extra = set(meta) - UPLOAD_META_KEYS
+def is_decline(payload: Payload) -> bool:
+    return not payload.arrays and payload.config.get(STATUS) == DECLINED and set(payload.config) == {"client-id", STATUS}
+
+
+def parse_upload(payload: Payload, expected: Architecture, tau_dim: int) -> Upload:
+    """Validate one upload against the federation's pinned architecture and descriptor length."""
+    if payload.metrics:
+        raise MessageRejected("an upload carries no metrics")
+    meta = payload.config
+    extra, missing = set(meta) - UPLOAD_KEYS, UPLOAD_KEYS - set(meta)
     if extra:
-        raise UploadRejected(f"unexpected metadata keys {sorted(extra)}; an upload carries only {sorted(UPLOAD_META_KEYS)}")
-    missing = UPLOAD_META_KEYS - set(meta)
+        raise MessageRejected(f"unexpected metadata keys {sorted(map(str, extra))[:5]}; an upload carries "
+                              f"only {sorted(UPLOAD_KEYS)}")
     if missing:
-        raise UploadRejected(f"missing metadata keys {sorted(missing)}")
-    cid = client_id_of(meta)
-    sizes, act = meta["arch-sizes"], meta["activation"]
-    if not isinstance(sizes, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise UploadRejected(f"arch-sizes must be a list of integers, got {str(sizes)[:80]}")
-    if not 1 <= len(sizes) <= MAX_LAYERS or max(sizes) > MAX_WIDTH:
-        raise UploadRejected(f"arch-sizes {str(sizes)[:80]} is outside the accepted range "
-                             f"(1-{MAX_LAYERS} layers of at most {MAX_WIDTH} units)")
-    if not isinstance(act, str):
-        raise UploadRejected(f"activation must be a string, got {type(act).__name__}")
-    try:
-        spec = MLPSpec(tuple(sizes), str(act))
-    except FedfuseError as exc:
-        raise UploadRejected(f"bad architecture: {exc}") from exc
-    if expected is not None and spec != expected:
-        raise UploadRejected(f"architecture {list(spec.sizes)}/{spec.activation} does not match the "
-                             f"federation's {list(expected.sizes)}/{expected.activation}")
+        raise MessageRejected(f"missing metadata keys {sorted(missing)}")
+    cid = parse_client_id(meta)
+    spec = _parse_arch(meta["arch"])
+    if spec != expected:
+        raise MessageRejected(f"architecture {spec} does not match the federation's {expected}")
     n_ex = meta["n-examples"]
     if not isinstance(n_ex, int) or isinstance(n_ex, bool) or n_ex < 0:
-        raise UploadRejected(f"n-examples must be a non-negative integer, got {n_ex!r}")
+        raise MessageRejected(f"n-examples must be a non-negative integer, got {str(n_ex)[:40]!r}")
     tau = parse_tau(meta, tau_dim)
-    if spec.num_weights > MAX_WEIGHTS:
-        raise UploadRejected(f"architecture {list(spec.sizes)} has {spec.num_weights} weights; "
-                             f"at most {MAX_WEIGHTS} are accepted")
-    if not isinstance(weights, np.ndarray) or weights.dtype.kind != "f":
-        raise UploadRejected("weights must be a floating-point array")
-    if weights.ndim != 1 or weights.size != spec.num_weights:
-        raise UploadRejected(f"weights have shape {tuple(weights.shape)}; architecture "
-                             f"{list(spec.sizes)} needs a flat vector of {spec.num_weights}")
+    if set(payload.arrays) != {FLAT}:
+        raise MessageRejected(f"an upload holds exactly one array {FLAT!r}, got {sorted(map(str, payload.arrays))[:5]}")
+    weights = decode_array(payload.arrays[FLAT], (spec.num_weights,), f"weights of {spec}")
     if not np.isfinite(weights).all():
-        raise UploadRejected("weights contain NaN or infinite values")
+        raise MessageRejected("weights contain NaN or infinite values")
     largest = float(np.abs(weights).max()) if weights.size else 0.0
     if largest > MAX_ABS_WEIGHT:
-        raise UploadRejected(f"absurd weight magnitude {largest:.3g} (limit {MAX_ABS_WEIGHT:g})")
+        raise MessageRejected(f"absurd weight magnitude {largest:.3g} (limit {MAX_ABS_WEIGHT:g})")
     return Upload(cid, spec, torch.from_numpy(weights.astype(np.float32)), tau, n_ex)
 
 
-def parse_upload_content(content: Mapping[str, Any], expected: MLPSpec | None = None,
-                         tau_dim: int | None = None) -> Upload:
-    """Validate a whole upload message's records (any mapping of record name to record whose
-    arrays expose ``shape``, ``data`` and ``numpy()``, as Flower's do) before deserializing."""
-    extra = set(content) - {WEIGHTS, META}
-    if extra:
-        raise UploadRejected(f"unexpected records {sorted(extra)}; an upload carries only weights and meta")
-    if WEIGHTS not in content or META not in content:
-        raise UploadRejected("an upload needs a weights record and a meta record")
-    arrays = content[WEIGHTS]
-    if set(arrays) != {FLAT}:
-        raise UploadRejected(f"the weights record must hold exactly one array {FLAT!r}, got {sorted(arrays)[:5]}")
-    array = arrays[FLAT]
-    if len(array.data) > 8 * MAX_WEIGHTS + 4096:
-        raise UploadRejected(f"oversized upload: {len(array.data)} bytes of weights")
-    if not isinstance(content[META], Mapping):
-        raise UploadRejected("meta must be a record of key/value pairs")
-    return parse_upload(dict(content[META]), array.numpy(), expected, tau_dim)
+# -- describe -----------------------------------------------------------------------------------
+def description(client_id: str, tau: list[float]) -> Payload:
+    return Payload(config={"client-id": client_id, "tau": [float(t) for t in tau]})
+
+
+def parse_description(payload: Payload, tau_dim: int) -> tuple[str, list[float]]:
+    if payload.arrays or payload.metrics or set(payload.config) != {"client-id", "tau"}:
+        raise MessageRejected("a description carries exactly client-id and tau")
+    return parse_client_id(payload.config), parse_tau(payload.config, tau_dim)
+
+
+# -- receipt ------------------------------------------------------------------------------------
+def receipt(accepted: bool, reason: str = "") -> Payload:
+    return Payload(config={STATUS: ACCEPTED if accepted else REJECTED, REASON: reason})
+
+
+def parse_receipt(payload: Payload) -> tuple[bool, str]:
+    status, reason = payload.config.get(STATUS), payload.config.get(REASON, "")
+    if status not in (ACCEPTED, REJECTED) or not isinstance(reason, str):
+        raise MessageRejected(f"a receipt's status is {ACCEPTED!r} or {REJECTED!r}, got {str(status)[:40]!r}")
+    return status == ACCEPTED, reason
+
+
+# -- initializer --------------------------------------------------------------------------------
+def initializer(post: "WeightPosterior", j: int) -> Payload:
+    """Task ``j`` of a posterior, as the server sends it to its device."""
+    arrays = {FLAT: post.mean[j].detach().numpy().astype(np.float32)}
+    if post.readout is not None:
+        arrays[READOUT_FACTOR] = post.readout.factor[j].detach().numpy().astype(np.float32)
+        arrays[READOUT_DIAG] = post.readout.diag[j].detach().numpy().astype(np.float32)
+    return Payload(arrays=arrays, config={"uncertainty": float(post.uncertainty[j]),
+                                          "novelty": float(post.novelty[j])})
+
+
+def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
+    """The device side: every array checked against the device's own architecture."""
+    from fedfuse.posterior import ReadoutGaussian
+
+    extra = set(payload.arrays) - {FLAT, READOUT_FACTOR, READOUT_DIAG}
+    if FLAT not in payload.arrays or extra:
+        raise MessageRejected(f"an initializer holds {FLAT!r} and optionally its readout prior, got "
+                              f"{sorted(map(str, payload.arrays))[:5]}")
+    flat = torch.from_numpy(decode_array(payload.arrays[FLAT], (spec.num_weights,), f"initializer of {spec}").copy())
+    if not torch.isfinite(flat).all():
+        raise MessageRejected("the initializer has non-finite weights")
+    readout = None
+    if READOUT_FACTOR in payload.arrays or READOUT_DIAG in payload.arrays:
+        p = spec.readout_index.numel()
+        factor = decode_array(payload.arrays.get(READOUT_FACTOR), (p, None), "readout factor")
+        diag = decode_array(payload.arrays.get(READOUT_DIAG), (p,), "readout diagonal")
+        if not (np.isfinite(factor).all() and np.isfinite(diag).all()) or (diag < 0).any():
+            raise MessageRejected("the readout prior has non-finite or negative entries")
+        readout = ReadoutGaussian(flat[spec.readout_index.flatten()][None],
+                                  torch.from_numpy(factor.copy())[None], torch.from_numpy(diag.copy())[None])
+    unc, nov = (payload.config.get(k, math.nan) for k in ("uncertainty", "novelty"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (unc, nov)):
+        raise MessageRejected("uncertainty and novelty must be numbers")
+    return Initializer(flat, readout, float(unc), float(nov))
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def metrics(shots: int, score_0shot: float, score_adapted: float, cold_0shot: float, cold_adapted: float) -> Payload:
+    return Payload(metrics=dict(zip(METRIC_KEYS, (int(shots), float(score_0shot), float(score_adapted),
+                                                   float(cold_0shot), float(cold_adapted)))))
+
+
+def parse_metrics(payload: Payload) -> dict[str, float]:
+    m = payload.metrics
+    if payload.arrays or payload.config or set(m) != set(METRIC_KEYS):
+        raise MessageRejected(f"a metrics reply carries exactly {list(METRIC_KEYS)}")
+    out = {}
+    for key in METRIC_KEYS:
+        value = m[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise MessageRejected(f"metric {key} must be a finite number, got {str(value)[:40]!r}")
+        out[key] = float(value)
+    return out
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def parse_client_id(meta: Mapping[str, Any]) -> str:
+    cid = meta.get("client-id")
+    if not isinstance(cid, str) or not cid or len(cid) > MAX_CLIENT_ID or not cid.isprintable():
+        raise MessageRejected(f"client-id must be a printable string of 1-{MAX_CLIENT_ID} characters, "
+                              f"got {str(cid)[:40]!r}")
+    return cid
+
+
+def parse_tau(meta: Mapping[str, Any], tau_dim: int) -> list[float]:
+    """A descriptor of the federation's length whose entries stay finite as float32."""
+    tau = meta.get("tau")
+    if not isinstance(tau, list) or not tau or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in tau):
+        raise MessageRejected(f"tau must be a non-empty list of numbers, got {type(tau).__name__}")
+    if len(tau) != tau_dim:
+        raise MessageRejected(f"tau has length {len(tau)}; this federation's descriptors have length {tau_dim}")
+    try:
+        values = [float(t) for t in tau]
+    except OverflowError as exc:
+        raise MessageRejected("tau has entries too large to represent") from exc
+    if not all(math.isfinite(t) and abs(t) <= MAX_ABS_TAU for t in values):
+        raise MessageRejected(f"tau has non-finite entries or entries beyond {MAX_ABS_TAU:g}")
+    return values
+
+
+def _parse_arch(text: Any) -> Architecture:
+    if not isinstance(text, str) or len(text) > MAX_ARCH_JSON:
+        raise MessageRejected(f"arch must be a JSON string of at most {MAX_ARCH_JSON} characters")
+    try:
+        spec = architectures.from_dict(json.loads(text))
+    except (ValueError, ArchitectureError) as exc:
+        raise MessageRejected(f"bad architecture: {str(exc)[:200]}") from exc
+    if spec.num_weights > MAX_WEIGHTS:
+        raise MessageRejected(f"architecture {spec} has {spec.num_weights} weights; at most {MAX_WEIGHTS}")
+    return spec
+
+
+def decode_array(array: Any, shape: tuple[int | None, ...], what: str) -> np.ndarray:
+    """A float array of ``shape`` (``None``: any length, bounded by :data:`MAX_WEIGHTS`) from a
+    numpy array or an npy-serialized array (Flower's ``Array``: ``.data`` bytes). The npy header
+    is read and checked against the data length before anything is allocated."""
+    if isinstance(array, np.ndarray):
+        arr = array
+    else:
+        arr = _decode_npy(getattr(array, "data", None), what)
+    if arr.dtype.kind != "f":
+        raise MessageRejected(f"{what} must be floating point, got {arr.dtype}")
+    if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+        want = tuple("any" if s is None else s for s in shape)
+        raise MessageRejected(f"{what} has shape {tuple(arr.shape)}; expected {want}")
+    return arr.astype(np.float32, copy=False)
+
+
+def _decode_npy(data: Any, what: str) -> np.ndarray:
+    import io
+
+    if not isinstance(data, bytes) or len(data) > 8 * MAX_WEIGHTS + 4096:
+        raise MessageRejected(f"{what}: no array data or more than {8 * MAX_WEIGHTS} bytes")
+    fh = io.BytesIO(data)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version not in readers:
+            raise ValueError(f"npy format version {version}")
+        shape, fortran, dtype = readers[version](fh)
+    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+        raise MessageRejected(f"{what}: not a readable npy array ({str(exc)[:80]})") from exc
+    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize > 8:
+        raise MessageRejected(f"{what} must be float16/32/64, got {dtype}")
+    count = math.prod(shape)
+    if count > MAX_WEIGHTS or len(data) - fh.tell() != count * dtype.itemsize:
+        raise MessageRejected(f"{what}: header declares shape {shape} of {dtype} but {len(data) - fh.tell()} "
+                              "bytes follow")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=fh.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from fedfuse.errors import ArchitectureError, DescriptorError, ZooError
 from fedfuse.io import load_tensors, save_tensors
-from fedfuse.layout import MLPSpec
+from fedfuse import architectures
+from fedfuse.architectures import Architecture
 
 FORMAT = "fedfuse.zoo/1"
 
@@ -21,7 +22,7 @@ class ModelZoo:
     """``n`` models of one architecture: flat ``weights`` ``(n, d)``, descriptors ``tau``
     ``(n, D)``, the clients' own ``ids`` and their numbers of training examples."""
 
-    spec: MLPSpec
+    spec: Architecture
     weights: Tensor
     tau: Tensor
     ids: list[str]
@@ -54,7 +55,7 @@ class ModelZoo:
         if self.weights.shape[1] != self.spec.num_weights:
             raise ArchitectureError(
                 f"weights have {self.weights.shape[1]} entries per model; architecture "
-                f"{list(self.spec.sizes)} has {self.spec.num_weights}"
+                f"{self.spec} has {self.spec.num_weights}"
             )
         if self.tau.dim() != 2 or self.tau.shape[0] != n:
             raise DescriptorError(f"tau must be (n={n}, D); got shape {tuple(self.tau.shape)}")
@@ -76,7 +77,7 @@ class ModelZoo:
     @classmethod
     def from_models(
         cls,
-        spec: MLPSpec,
+        spec: Architecture,
         models: Iterable[tuple[str, Tensor | Sequence[float], Sequence[float], int]],
     ) -> "ModelZoo":
         """Build from ``(client_id, flat_weights, tau, n_examples)`` records, checking each."""
@@ -86,7 +87,7 @@ class ModelZoo:
             w = torch.as_tensor(w, dtype=torch.float32).flatten()
             if w.numel() != spec.num_weights:
                 raise ArchitectureError(
-                    f"model {cid!r} has {w.numel()} weights; architecture {list(spec.sizes)} "
+                    f"model {cid!r} has {w.numel()} weights; architecture {spec} "
                     f"has {spec.num_weights}"
                 )
             tau = torch.as_tensor(tau, dtype=torch.float32).flatten()
@@ -129,7 +130,7 @@ class ModelZoo:
         if meta.get("format") != FORMAT:
             raise ZooError(f"{path} holds {meta.get('format')!r}, not a model zoo ({FORMAT})")
         return cls(
-            MLPSpec.from_dict(meta["spec"]),
+            architectures.from_dict(meta["spec"]),
             tensors["weights"],
             tensors["tau"],
             meta["ids"],

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from fedfuse.finetune import loss_fn
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.progress import progress_bar
 from fedfuse.zoo import robust_scale
 

@@ -118,7 +118,7 @@ def deploy_certs(
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="IP or DNS name the SuperLink is reached at (repeat)"),
 ) -> None:
     """Make a CA and a SuperLink server certificate for the given hosts."""
-    from fedfuse_server.credentials import make_certificates
+    from fedfuse_deploy.credentials import make_certificates
 
     certs = make_certificates(out, host)
     typer.echo(f"CA {certs.ca_cert}\nserver certificate {certs.server_cert} for {', '.join(host)}")
@@ -127,7 +127,7 @@ def deploy_certs(
 @deploy_app.command("node-key")
 def deploy_node_key(name: str, out: Path = typer.Option(Path("deploy/keys"))) -> None:
     """Make a SuperNode's EC key pair (register NAME.pub with `flwr supernode register`)."""
-    from fedfuse_server.credentials import make_node_keys
+    from fedfuse_deploy.credentials import make_node_keys
 
     private, public = make_node_keys(out, name)
     typer.echo(f"private key {private}\npublic key {public}")
@@ -137,45 +137,48 @@ def deploy_node_key(name: str, out: Path = typer.Option(Path("deploy/keys"))) ->
 def deploy_device_data(
     out: Path, index: int = typer.Option(..., help="device number: below --clients trains a model"),
     clients: int = typer.Option(3), new: int = typer.Option(1), seed: int = typer.Option(0),
-    shots: int = typer.Option(10),
+    shots: int = typer.Option(10), family: str = typer.Option("sine", help="task family"),
 ) -> None:
-    """Write a simulated sine device's private data file (what `data=` points a SuperNode to)."""
-    from fedfuse.runconfig import RunConfig
-    from fedfuse_client.data import simulated_device
+    """Write a simulated device's private data file (what `data=` points a SuperNode to)."""
+    from fedfuse.tasks import DeviceConfig, get_family
 
-    device = simulated_device(index, RunConfig(num_clients=clients, num_new=new, seed=seed, shots=shots))
-    device.save(out)
+    fam = get_family(family)
+    device = fam.simulated_device(index, DeviceConfig(clients, new, seed, shots))
+    device.save(out, family)
     typer.echo(f"{device.client_id} ({device.role}) -> {out}")
 
 
 @deploy_app.command("up")
 def deploy_up(
     workdir: Path = WORKDIR,
-    devices: int = typer.Option(3, min=0, help="sine devices with a model to upload"),
-    new: int = typer.Option(0, min=0, help="new sine devices to start now (more with add-node)"),
+    devices: int = typer.Option(3, min=0, help="simulated devices with a model to upload"),
+    new: int = typer.Option(0, min=0, help="new simulated devices to start now (more with add-node)"),
+    family: str = typer.Option("sine", help="task family of the simulated devices"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (and no authentication)"),
     no_auth: bool = typer.Option(False, "--no-auth", help="TLS without SuperNode authentication"),
 ) -> None:
     """Start a SuperLink and SuperNodes on 127.0.0.1 and wait until each is healthy."""
-    from fedfuse_server.launcher import LocalDeployment
+    from fedfuse.tasks import DeviceConfig, get_family
+    from fedfuse_deploy.launcher import LocalDeployment
 
+    fam = get_family(family)
     dep = LocalDeployment(workdir, secure=not insecure, auth=not (insecure or no_auth))
     dep.start_superlink()
     typer.echo(f"SuperLink pid {dep.superlink.pid} on {dep.host}:{dep.superlink.port}")
     for i in range(devices + new):
         data = workdir / "data" / f"device{i}.safetensors"
         data.parent.mkdir(parents=True, exist_ok=True)
-        deploy_device_data(data, index=i, clients=devices, new=new, seed=0, shots=10)
-        name = f"sine-{i:05d}" if i < devices else f"new-{i - devices:05d}"
-        node = dep.add_supernode(name, data)
-        typer.echo(f"SuperNode {name} pid {node.pid} port {node.port}")
+        device = fam.simulated_device(i, DeviceConfig(devices, new, 0, 10))
+        device.save(data, family)
+        node = dep.add_supernode(device.client_id, data)
+        typer.echo(f"SuperNode {device.client_id} pid {node.pid} port {node.port}")
     typer.echo(f"FLWR_HOME={dep.flwr_home}  connection: fedfuse-local")
 
 
 @deploy_app.command("add-node")
 def deploy_add_node(name: str, data: Path, workdir: Path = WORKDIR) -> None:
     """Start one more SuperNode for device NAME with its private data file DATA."""
-    from fedfuse_server.launcher import LocalDeployment
+    from fedfuse_deploy.launcher import LocalDeployment
 
     node = LocalDeployment.load(workdir).add_supernode(name, data)
     typer.echo(f"SuperNode {name} pid {node.pid} port {node.port}")
@@ -187,7 +190,7 @@ def deploy_run(
     workdir: Path = WORKDIR, app_dir: Path = typer.Option(Path("."), "--app", help="the Flower app (this repo)"),
 ) -> None:
     """`flwr run` the app against this deployment's SuperLink, streaming its logs."""
-    from fedfuse_server.launcher import LocalDeployment
+    from fedfuse_deploy.launcher import LocalDeployment
 
     typer.echo(LocalDeployment.load(workdir).run(app_dir, run_config))
 
@@ -195,7 +198,7 @@ def deploy_run(
 @deploy_app.command("status")
 def deploy_status(workdir: Path = WORKDIR) -> None:
     """The processes this deployment started and whether each is alive."""
-    from fedfuse_server.launcher import LocalDeployment, alive_pid
+    from fedfuse_deploy.launcher import LocalDeployment, alive_pid
 
     dep = LocalDeployment.load(workdir)
     procs = ({"superlink": dep.superlink} if dep.superlink else {}) | dep.supernodes
@@ -206,7 +209,7 @@ def deploy_status(workdir: Path = WORKDIR) -> None:
 @deploy_app.command("down")
 def deploy_down(workdir: Path = WORKDIR) -> None:
     """Stop exactly the processes `up`/`add-node` started."""
-    from fedfuse_server.launcher import LocalDeployment
+    from fedfuse_deploy.launcher import LocalDeployment
 
     still = LocalDeployment.load(workdir).down()
     if still:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fedfuse.alignment import apply_perms
 from fedfuse.finetune import condition_readout, finetune
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
 from fedfuse.progress import progress_bar

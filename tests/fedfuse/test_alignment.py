@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from fedfuse.alignment import align_model, align_zoo, apply_perms, chain_align
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 
 
 @pytest.mark.parametrize("sizes", [(1, 100, 1), (3, 12, 9, 2)])
 def test_planted_permutation_is_recovered_exactly(sizes):
     spec = MLPSpec(sizes)
     flat = spec.init(1, torch.Generator().manual_seed(3))[0]
-    planted = [torch.randperm(h) for h in spec.hidden_sizes]
+    planted = [torch.randperm(h) for h in spec.perm_sizes]
     scrambled = spec.permute(flat, planted)
     perms = align_model(spec, scrambled.double().numpy(), flat.double().numpy()[None],
                         np.ones((1, spec.num_weights)))
@@ -51,6 +51,6 @@ def test_chain_alignment_undoes_scrambling_of_copies():
 def test_batched_permutation_equals_per_model_permute():
     spec = MLPSpec((3, 7, 5, 2))
     gamma = spec.init(6)
-    perms = [torch.stack([torch.randperm(h) for _ in range(6)]) for h in spec.hidden_sizes]
+    perms = [torch.stack([torch.randperm(h) for _ in range(6)]) for h in spec.perm_sizes]
     expected = torch.stack([spec.permute(gamma[i], [p[i] for p in perms]) for i in range(6)])
     assert torch.equal(apply_perms(spec, gamma, perms), expected)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedfuse.finetune import finetune, loss_fn
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 
 SPEC = MLPSpec((2, 8, 3))
 

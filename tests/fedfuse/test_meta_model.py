@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedfuse.errors import DescriptorError, NotFittedError
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import sine
 from fedfuse.zoo import ModelZoo

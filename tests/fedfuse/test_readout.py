@@ -1,6 +1,6 @@
 import torch
 
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec, VectorSpec
 from fedfuse.readout import design, get_readout, readout_map, set_readout
 
 
@@ -31,7 +31,7 @@ def test_readout_map_reproduces_a_reachable_function_and_falls_back_to_the_curre
 
 
 def test_a_bare_vector_is_all_readout():
-    spec = MLPSpec((5,), "none")
+    spec = VectorSpec(5)
     w = torch.randn(2, 5)
     assert spec.readout_index.shape == (5, 1)
     assert torch.equal(get_readout(spec, w)[..., 0], w)

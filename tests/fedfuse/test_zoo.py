@@ -3,7 +3,7 @@ import torch
 
 from fedfuse.errors import ArchitectureError, DescriptorError, FedfuseError, ZooError
 from fedfuse.io import save_tensors
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.zoo import ModelZoo, check_descriptor
 
 SPEC = MLPSpec((1, 4, 1))

@@ -12,13 +12,14 @@ from flwr.app import Array, ArrayRecord
 from flwr.simulation import run_simulation
 
 from fedfuse import wire
-from fedfuse.meta_model import MetaModel
+from fedfuse.records import from_records
 from fedfuse.runconfig import RunConfig
 from fedfuse.screening import screen
+from fedfuse.tasks import get_family
 from fedfuse.zoo import ModelZoo
-from fedfuse_client.client_app import build_client_app, upload_content
-from fedfuse_client.data import simulated_device
-from fedfuse_server.phases import probe_inputs
+from fedfuse_client.client_app import build_client_app, upload_payload
+from fedfuse_client.data import device_config
+from fedfuse_server.phases import meta_model
 from fedfuse_server.server_app import build_server_app
 from fedfuse_server.store import ModelStore
 
@@ -30,19 +31,18 @@ SETTINGS = dict(num_clients=8, num_new=0, train_steps=300, fit_rounds=2, fit_ste
 def faulty_mod(folder: str):
     def mod(msg, context, call_next):
         pid = int(context.node_config["partition-id"])
-        config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else {}
-        action = config.get(wire.ACTION)
+        action = msg.metadata.message_type
         if action == wire.UPLOAD and pid in CRASH:
             raise RuntimeError("device crashed mid-training")
         if action == wire.UPLOAD and pid in HANG:
             time.sleep(45)
         if action == wire.RECEIPT:
-            receipt = dict(msg.content[wire.META])
-            Path(folder, f"receipt-{pid}.json").write_text(json.dumps(receipt))
+            accepted, reason = wire.parse_receipt(from_records(msg.content))
+            Path(folder, f"receipt-{pid}.json").write_text(json.dumps([accepted, reason]))
         reply = call_next(msg, context)
         if action == wire.UPLOAD and pid in NAN:
             bad = np.full(301, np.nan, dtype=np.float32)
-            reply.content[wire.WEIGHTS] = ArrayRecord({wire.FLAT: Array(bad)})
+            reply.content["arrays"] = ArrayRecord({wire.FLAT: Array(bad)})
         return reply
 
     return mod
@@ -63,24 +63,22 @@ def test_collect_survives_crashes_hangs_and_bad_uploads(tmp_path):
     assert len(report["failed"]) == 3
     assert any("crashed" in r for r in report["failed"].values())
     assert any("no reply within 20s" in r for r in report["failed"].values())
-    assert list(report["rejected"]) == ["sine-00005"] and "NaN" in report["rejected"]["sine-00005"]
+    assert len(report["rejected"]) == 1 and "NaN" in next(iter(report["rejected"].values()))
     receipts = {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
-    assert receipts["receipt-5.json"][wire.STATUS] == wire.REJECTED
-    assert "NaN" in receipts["receipt-5.json"][wire.REASON]
-    assert receipts["receipt-0.json"][wire.STATUS] == wire.ACCEPTED
+    assert receipts["receipt-5.json"][0] is False and "NaN" in receipts["receipt-5.json"][1]
+    assert receipts["receipt-0.json"] == [True, ""]
 
     # the fit equals one computed from the good devices alone, here in the test
     cfg = RunConfig(**{k: v for k, v in settings.items()})
+    family = get_family(cfg.family)
     records = []
     for p in good:
-        device = simulated_device(p, cfg)
-        content = upload_content(device, cfg)
-        up = wire.parse_upload(dict(content[wire.META]), content[wire.WEIGHTS][wire.FLAT].numpy())
+        device = family.simulated_device(p, device_config(cfg))
+        up = wire.parse_upload(upload_payload(family, device, cfg), family.arch, family.descriptor.length)
         records.append((up.client_id, up.weights, up.tau, up.n_examples))
-    zoo = ModelZoo.from_models(device.spec, records)
-    kept, _ = screen(zoo, probe_inputs("sine"), threshold=cfg.screen)
-    expected = MetaModel(max_rounds=cfg.fit_rounds, steps_per_round=cfg.fit_steps, seed=cfg.seed)
-    expected.fit(kept, probe=probe_inputs("sine"))
+    zoo = ModelZoo.from_models(family.arch, records)
+    kept, _ = screen(zoo, family.probe(cfg.seed), threshold=cfg.screen)
+    expected = meta_model(cfg, family).fit(kept, probe=family.probe(cfg.seed))
     fitted = store.load_meta_model()
     assert fitted.ids_ == expected.ids_
     tau = torch.tensor([[1.0, 0.3], [3.5, 2.0]])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedfuse.errors import FedfuseError, ZooError
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.wire import Upload
 from fedfuse_server.store import ModelStore
 

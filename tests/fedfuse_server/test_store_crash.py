@@ -11,13 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.wire import Upload
 from fedfuse_server.store import ModelStore
 
 WRITER = """
 import sys, torch
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec
 from fedfuse.wire import Upload
 from fedfuse_server.store import ModelStore
 store, start = ModelStore(sys.argv[1]), int(sys.argv[2])

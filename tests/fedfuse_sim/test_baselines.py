@@ -1,7 +1,7 @@
 import torch
 
 from fedfuse.finetune import loss_fn
-from fedfuse.layout import MLPSpec
+from fedfuse.architectures import MLPSpec, VectorSpec
 from fedfuse.tasks import sine
 from fedfuse_sim import baselines
 
@@ -63,7 +63,7 @@ def test_aligned_neighbours_choose_k_and_bandwidth_on_the_zoo():
     tau = torch.rand(60, 2, generator=gen)
     clean = torch.stack([tau[:, 0], tau[:, 0] ** 2, tau[:, 1] * 0], 1)
     noisy = clean + 0.05 * torch.randn(60, 3, generator=gen)
-    spec = MLPSpec((3,), "none")
+    spec = VectorSpec(3)
     knn = baselines.AlignedNeighbours().fit(spec, noisy, tau)
     assert knn.k_ > 1  # noisy neighbours: averaging several beats copying one
     query = torch.rand(40, 2, generator=gen)

@@ -13,17 +13,19 @@ embedding ``u`` is the user's bias, so a user model is exactly ``d`` numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from fedfuse.architectures import VectorSpec
 from fedfuse.datasets import Ratings
-from fedfuse.layout import MLPSpec
+from fedfuse.tasks.family import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
 
 
-def spec(dim: int) -> MLPSpec:
+def spec(dim: int) -> VectorSpec:
     """A user model: a bare vector (no hidden units, hence nothing to align)."""
-    return MLPSpec((dim,), activation="none")
+    return VectorSpec(dim)
 
 
 @dataclass(frozen=True)
@@ -150,3 +152,77 @@ def user_rmse(items: ItemModel, users: Tensor, ratings: Ratings, mask: Tensor) -
     sse = torch.zeros(len(ids)).index_add_(0, inv, err)
     cnt = torch.zeros(len(ids)).index_add_(0, inv, torch.ones_like(err))
     return ids, (sse / cnt).sqrt()
+
+
+@dataclass(frozen=True)
+class PublicSide:
+    """What every party may know in the simulation: the split, the descriptor basis (fitted on
+    the seen users' context ratings) and the public item model (a CF over seen users)."""
+
+    ratings: Ratings
+    split: Split
+    tau: Tensor  # (num_users, 12) every user's descriptor
+    items: ItemModel
+
+
+@lru_cache(maxsize=4)
+def public_side(seed: int, dim: int, reg: float = 10.0, iters: int = 15) -> PublicSide:
+    from fedfuse.datasets import load_movielens_100k
+
+    ratings = load_movielens_100k()
+    sp = split(ratings, seed)
+    items, _ = als(ratings, sp.public_cf(), dim, reg, iters, seed)
+    return PublicSide(ratings, sp, descriptors(ratings, sp), items)
+
+
+class MovieLensFamily(TaskFamily):
+    """A user's recommendation model: its own embedding against the public item embeddings,
+    fitted on its own ratings; the descriptor embeds its ratings of 300 context items. As a
+    function, an embedding predicts the user's ratings (less the public mean and item biases)."""
+
+    name = "movielens"
+    dim = 20
+    reg = 10.0
+    arch = VectorSpec(dim)
+    descriptor = DescriptorSpec(("mean context rating", "log context count", *(f"context PC{i + 1}" for i in range(10))),
+                                (-4.0, 0.0, *(-1e3,) * 10), (4.0, 6.0, *(1e3,) * 10))
+    loss = "mse"
+    score = Score("RMSE", higher_is_better=False, digits=3)
+    recipe = Recipe(train_steps=300, train_lr=5e-2, finetune_steps=300, finetune_lr=5e-2)
+    meta_settings = {"hidden": (64,)}
+
+    def _examples(self, side: PublicSide, user: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+        r = side.ratings
+        m = mask & (r.user == user)
+        i = r.item[m]
+        return side.items.features(i), r.rating[m] - side.items.mu - side.items.bias[i]
+
+    def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
+        side = public_side(cfg.seed, self.dim, self.reg)
+        sp, r = side.split, side.ratings
+        if index < cfg.num_clients:
+            user = int(sp.seen[index % len(sp.seen)])
+            x, y = self._examples(side, user, sp.public_cf())
+            return LocalData(f"user-{user:04d}", "zoo", side.tau[user].tolist(), x, y,
+                             torch.zeros(0, self.dim), torch.zeros(0))
+        user = int(sp.unseen[(index - cfg.num_clients) % len(sp.unseen)])
+        x, y = self._examples(side, user, ~sp.is_seen & ~sp.is_context & ~sp.is_test)
+        x_eval, y_eval = self._examples(side, user, sp.is_test)
+        return LocalData(f"new-user-{user:04d}", "new", side.tau[user].tolist(), x[: cfg.shots], y[: cfg.shots],
+                         x_eval, y_eval)
+
+    def train(self, data: LocalData, seed: int, steps: int | None = None) -> Tensor:
+        """The device's own ridge fit against the public item features (the ALS user step)."""
+        rows = torch.zeros(len(data.y), dtype=torch.long)
+        return ridge(rows, data.x, data.y, 1, self.reg)[0]
+
+    def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
+        """RMSE of the predicted ratings on the held-back ratings."""
+        with torch.no_grad():
+            pred = self.arch.forward(weights, data.x_eval)[..., 0]
+        return ((pred - data.y_eval) ** 2).mean(-1).sqrt()
+
+    def probe(self, seed: int = 0) -> Tensor:
+        """Every item's public features: a user model's function is its ratings of them."""
+        side = public_side(seed, self.dim, self.reg)
+        return side.items.features(torch.arange(side.ratings.num_items))

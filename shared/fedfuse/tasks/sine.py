@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedfuse.architectures import MLPSpec
 from fedfuse.finetune import finetune
-from fedfuse.layout import MLPSpec
+from fedfuse.tasks.family import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
 
 SPEC = MLPSpec((1, 100, 1))
 X_RANGE = (-5.0, 5.0)
@@ -89,3 +90,46 @@ def pretrain(tasks: SineTasks, seed: int, points: int = 200, steps: int = 1000,
     init = spec.init(len(tasks), gen)
     x = sample_x(len(tasks), points, seed + 1)
     return finetune(spec, init, x, tasks(x), steps=steps, lr=1e-2)
+
+
+TEST_SEED_OFFSET = 7919  # new devices draw their tasks from a stream disjoint from the zoo's
+
+
+class SineFamily(TaskFamily):
+    """``y = a sin(x + b)``: a [1-100-1] regression net per task, descriptor ``(a, b)``."""
+
+    name = "sine"
+    arch = SPEC
+    descriptor = DescriptorSpec(("amplitude", "phase"), (0.1, 0.0), (5.0, math.pi))
+    loss = "mse"
+    score = Score("nRMSE", higher_is_better=False)
+    recipe = Recipe(train_steps=1000, train_lr=1e-2, finetune_steps=500, finetune_lr=1e-2)
+    train_points = 200
+
+    def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
+        x_eval = eval_grid()
+        if index < cfg.num_clients:
+            task = sample_tasks(cfg.num_clients, cfg.seed).subset([index])
+            x = sample_x(1, self.train_points, cfg.seed * 100_003 + index)[0]
+            cid, role = f"sine-{index:05d}", "zoo"
+        else:
+            j = index - cfg.num_clients
+            task = sample_tasks(max(cfg.num_new, j + 1), cfg.seed + TEST_SEED_OFFSET).subset([j])
+            x = sample_x(1, cfg.shots, cfg.seed * 100_003 + 50_000 + j)[0]
+            cid, role = f"new-{j:05d}", "new"
+        return LocalData(cid, role, task.tau[0].tolist(), x, task(x)[0], x_eval, task(x_eval)[0])
+
+    def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
+        """Normalized RMSE on the held-back examples: RMSE / (max y - min y)."""
+        with torch.no_grad():
+            pred = self.arch.forward(weights, data.x_eval)
+        rmse = ((pred - data.y_eval) ** 2).mean(dim=(-1, -2)).sqrt()
+        return rmse / (data.y_eval.max() - data.y_eval.min()).clamp_min(1e-12)
+
+    def probe(self, seed: int = 0) -> Tensor:
+        return probe_grid()
+
+
+def probe_grid(points: int = 64) -> Tensor:
+    """The server's own inputs: an even grid over the task's input range (no client data)."""
+    return torch.linspace(*X_RANGE, points)[:, None]

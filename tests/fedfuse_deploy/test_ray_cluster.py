@@ -14,7 +14,7 @@ import torch
 
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import serial_map
-from fedfuse_server.launcher import free_port, port_open
+from fedfuse_deploy.launcher import free_port, port_open
 from fedfuse_server.ray_map import RayMap
 
 

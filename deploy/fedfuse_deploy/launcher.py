@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from fedfuse.errors import FedfuseError
-from fedfuse_server.credentials import make_certificates, make_node_keys
+from fedfuse_deploy.credentials import make_certificates, make_node_keys
 
 CONNECTION = "fedfuse-local"
 _ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfuse.runconfig import RunConfig
-from fedfuse_client.data import simulated_device
-from fedfuse_server.credentials import make_certificates
-from fedfuse_server.launcher import LocalDeployment, port_open
+from fedfuse.tasks import DeviceConfig, get_family
+from fedfuse_deploy.credentials import make_certificates
+from fedfuse_deploy.launcher import LocalDeployment, port_open
 from fedfuse_server.store import ModelStore
 
 APP = Path(__file__).parents[2]
@@ -15,11 +14,11 @@ SMALL = "num-clients=3 train-steps=300 fit-rounds=3 fit-steps=60 wait-for-nodes=
 
 
 def _devices(folder: Path) -> list[Path]:
-    cfg = RunConfig(num_clients=3, num_new=1)
+    family, cfg = get_family("sine"), DeviceConfig(num_clients=3, num_new=1, seed=0, shots=10)
     paths = []
     for p in range(4):
         path = folder / f"device{p}.safetensors"
-        simulated_device(p, cfg).save(path)
+        family.simulated_device(p, cfg).save(path, family.name)
         paths.append(path)
     return paths
 
@@ -52,7 +51,7 @@ def test_tls_deployment_collect_fit_restart_and_personalize_a_late_node(tmp_path
         dep.run(APP, f"phase='personalize' store='{store}' num-new=1 finetune-steps=300 {SMALL}")
         metrics = ModelStore(store).metrics()
         assert list(metrics) == ["new-00000"]
-        assert metrics["new-00000"]["score-finetuned"] < metrics["new-00000"]["cold-score-finetuned"]
+        assert metrics["new-00000"]["score-adapted"] < metrics["new-00000"]["cold-score-adapted"]
         assert metrics["new-00000"]["score-0shot"] < metrics["new-00000"]["cold-score-0shot"]
     finally:
         pids = [dep.superlink.pid] if dep.superlink else []

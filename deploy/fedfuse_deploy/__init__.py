@@ -1,0 +1,1 @@
+"""Deployment tooling: real SuperLink/SuperNode processes, TLS and node credentials."""
