@@ -19,7 +19,8 @@ _META_KEY = "fedfuse"
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to ``path``: temp file in the same folder, fsync,
-    rename; a reader never sees a half-written file."""
+    rename, fsync the folder; a reader never sees a half-written file, and once this returns the
+    file survives a power failure (so an index entry written afterwards never names a lost file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,10 +34,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the folder's entries (a rename, a new file) durable: fsyncing a file does not."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
