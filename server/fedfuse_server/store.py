@@ -1,18 +1,23 @@
 """The server's durable model store: one safetensors file per upload plus a SQLite index.
 
 Layout under ``root``: ``uploads/<key>-<version>.safetensors`` (weights, descriptor,
-architecture), ``meta_model-<version>.safetensors`` and ``index.sqlite``. Every write goes to a
-new file (itself written to a temp name, fsynced and renamed); the index row is switched to it in
-one SQLite transaction and only then is the previous file deleted. A crash at any point leaves
-the index pointing at a complete file, the old one or the new one; files no row points to are
-collected when the store is next opened. Entries are keyed by the client's own id: an upload from
-a known id replaces its entry.
+architecture, client id, example count), ``meta_model-<version>.safetensors``, ``index.sqlite``
+and ``quarantine/``. Every write goes to a new file (itself written to a temp name, fsynced and
+renamed); the index row is switched to it in one SQLite transaction and only then is the previous
+file deleted. A crash at any point leaves the index pointing at a complete file, the old one or
+the new one. Entries are keyed by the client's own id: an upload from a known id replaces its
+entry.
+
+Nothing an index row might still need is ever deleted: when the store is opened, files no row
+points to are moved to ``quarantine/`` (with a row saying why), and an index that was lost is
+rebuilt from the upload files, each of which names its client in its header.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -24,12 +29,18 @@ from typing import Any, Iterator
 import torch
 
 from fedfuse.errors import FedfuseError, ZooError
-from fedfuse.io import load_tensors, save_tensors
+from fedfuse.io import fsync_dir, load_tensors, parse_tensors, peek_tensors, save_tensors
 from fedfuse.layout import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap
 from fedfuse.wire import Upload
 from fedfuse.zoo import ModelZoo
+
+log = logging.getLogger(__name__)
+
+# A file no index row points to and younger than this may be a concurrent writer's, about to be
+# committed: it is left alone. Older ones are quarantined (temp files of a crashed write removed).
+GRACE_S = 300.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -59,11 +70,26 @@ CREATE TABLE IF NOT EXISTS meta_model (
     n_models INTEGER NOT NULL,
     fitted REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantined (
+    file TEXT PRIMARY KEY,
+    client_id TEXT,
+    n_examples INTEGER,
+    received REAL,
+    reason TEXT NOT NULL,
+    quarantined REAL NOT NULL
+);
 """
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:  # renamed or removed meanwhile by a concurrent writer
+        return False
 
 
 class ModelStore:
@@ -76,19 +102,72 @@ class ModelStore:
             db.executescript(SCHEMA)
         finally:
             db.close()
-        self._collect_orphans()
+        self._recover()
 
-    def _collect_orphans(self, min_age: float = 300.0) -> None:
-        """Delete files no index row points to (left by a crash between write and commit).
-        Young files are spared: another writer may be about to commit them."""
+    def _recover(self, grace: float = GRACE_S) -> None:
+        """Make files and index agree again after a crash or a lost index, deleting nothing a
+        row might need: an index without uploads is rebuilt from the upload files; files no row
+        points to are quarantined; only a crashed writer's temp files are removed."""
         with self._db() as db:
+            if db.execute("SELECT 1 FROM uploads LIMIT 1").fetchone() is None:
+                self._index_files(db)
             live = {r[0] for r in db.execute("SELECT file FROM uploads")}
             live |= {r[0] for r in db.execute("SELECT file FROM meta_model")}
-        now = time.time()
-        for path in [*(self.root / "uploads").glob("*.safetensors"), *self.root.glob("meta_model-*.safetensors")]:
-            rel = str(path.relative_to(self.root))
-            if rel not in live and now - path.stat().st_mtime > min_age:
-                path.unlink(missing_ok=True)
+            for path in self._stored_files():
+                if str(path.relative_to(self.root)) not in live and _older_than(path, grace):
+                    self._quarantine_file(db, path, "no index row points to it (a write cut short "
+                                                    "before its commit, or a lost index row)")
+        for tmp in [*(self.root / "uploads").glob(".*.tmp"), *self.root.glob(".*.tmp")]:
+            if _older_than(tmp, grace):
+                tmp.unlink(missing_ok=True)
+
+    def _stored_files(self) -> list[Path]:
+        return sorted([*(self.root / "uploads").glob("*.safetensors"), *self.root.glob("meta_model-*.safetensors")])
+
+    def _index_files(self, db: sqlite3.Connection) -> None:
+        """One row per client from the upload files' headers (the index was lost): the newest
+        file of each client (by modification time) is its entry, older ones are quarantined."""
+        by_client: dict[str, list[tuple[float, str, str, int]]] = {}
+        for path in sorted((self.root / "uploads").glob("*.safetensors")):
+            data = path.read_bytes()
+            try:
+                _, meta = parse_tensors(data, path)
+            except FedfuseError as exc:
+                self._quarantine_file(db, path, f"unreadable while rebuilding the index: {exc}")
+                continue
+            cid, n_examples = meta.get("client_id"), meta.get("n_examples")
+            if not isinstance(cid, str):
+                self._quarantine_file(db, path, "its header names no client (found while rebuilding the index)")
+                continue
+            by_client.setdefault(cid, []).append((path.stat().st_mtime, path.name, hashlib.sha256(data).hexdigest(),
+                                                  n_examples if isinstance(n_examples, int) else 0))
+        for cid, files in by_client.items():
+            *older, (mtime, name, digest, n_examples) = sorted(files)
+            for _, old, _, _ in older:
+                self._quarantine_file(db, self.root / "uploads" / old,
+                                      f"an older upload of client {cid!r} found while rebuilding the index")
+            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)", (cid, f"uploads/{name}", digest, n_examples, mtime))
+        if by_client:
+            log.warning("the index of the store at %s held no uploads: rebuilt %d entries from the "
+                        "upload files", self.root, len(by_client))
+
+    def _quarantine_file(self, db: sqlite3.Connection, path: Path, reason: str) -> None:
+        """Move a file no row points to into quarantine/ and record why (never delete it); its
+        header, where readable, names the client."""
+        try:
+            _, meta = peek_tensors(path)
+        except FedfuseError:
+            meta = {}
+        cid, n_examples = meta.get("client_id"), meta.get("n_examples")
+        dest = self.root / "quarantine" / path.name
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+        fsync_dir(dest.parent)
+        db.execute("INSERT OR REPLACE INTO quarantined VALUES (?, ?, ?, ?, ?, ?)",
+                   (f"quarantine/{dest.name}", cid if isinstance(cid, str) else None,
+                    n_examples if isinstance(n_examples, int) else None, dest.stat().st_mtime, reason,
+                    time.time()))
+        log.warning("quarantined %s: %s", dest, reason)
 
     def _drop_superseded(self, old: str | None, new: str) -> None:
         """After the commit that switched to ``new``: drop the superseded file."""
@@ -116,7 +195,8 @@ class ModelStore:
         key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
         rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
         path = save_tensors(self.root / rel, {"weights": upload.weights, "tau": torch.tensor(upload.tau)},
-                            {"client_id": upload.client_id, "spec": upload.spec.to_dict()})
+                            {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
+                             "n_examples": int(upload.n_examples)})
         with self._db() as db:
             row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
             db.execute(
