@@ -15,6 +15,7 @@ rebuilt from the upload files, each of which names its client in its header.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,11 +25,11 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
 
 import torch
 
-from fedfuse.errors import FedfuseError, ZooError
+from fedfuse.errors import FedfuseError, StoreError, ZooError
 from fedfuse.io import fsync_dir, load_tensors, parse_tensors, peek_tensors, save_tensors
 from fedfuse.layout import MLPSpec
 from fedfuse.meta_model import MetaModel
@@ -92,7 +93,33 @@ def _older_than(path: Path, seconds: float) -> bool:
         return False
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _storage_errors(method: Callable[Concatenate[ModelStore, P], R]) -> Callable[Concatenate[ModelStore, P], R]:
+    """Report sqlite3 and OS errors as a StoreError naming the path: the store failed, the
+    caller's input was fine (so no ValueError), and the operator must know which file to fix."""
+    @functools.wraps(method)
+    def wrapper(store: ModelStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(store, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "") in {"SQLITE_CORRUPT", "SQLITE_NOTADB"}:
+                hint = (f"it is damaged: `fedfuse store rebuild-index {store.root}` rebuilds it from "
+                        "the upload files (keeping the old one as index.sqlite.bak)")
+            else:
+                hint = "check that it is writable, that its disk has free space and that no process holds it locked"
+            raise StoreError(f"the store index {store.root / 'index.sqlite'} failed: {exc}; {hint}") from exc
+        except OSError as exc:
+            raise StoreError(f"the store at {store.root} could not read or write a file: {exc}; check "
+                             "that the folder exists, that this process may write there and that the "
+                             "disk has free space") from exc
+    return wrapper
+
+
 class ModelStore:
+    @_storage_errors
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
@@ -103,6 +130,31 @@ class ModelStore:
         finally:
             db.close()
         self._recover()
+
+    @_storage_errors
+    def check_writable(self) -> None:
+        """Fail now, naming the folder, if an upload could not be stored: the server calls this
+        before it asks any device for one."""
+        for folder in (self.root, self.root / "uploads"):
+            probe = folder / f".probe-{uuid.uuid4().hex[:12]}.tmp"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, b"fedfuse")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    probe.unlink()
+            except OSError as exc:
+                raise StoreError(f"the store folder {folder} is not writable: {exc}; make it writable by "
+                                 "this process (or free disk space) before collecting uploads") from exc
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
+        try:  # a write that is rolled back: fails on a read-only index
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO rounds (phase, payload, finished) VALUES ('probe', '{}', 0)")
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
 
     def _recover(self, grace: float = GRACE_S) -> None:
         """Make files and index agree again after a crash or a lost index, deleting nothing a
@@ -190,6 +242,7 @@ class ModelStore:
             db.close()
 
     # -- uploads --------------------------------------------------------------------------------
+    @_storage_errors
     def put(self, upload: Upload) -> None:
         """Store (or replace) one client's upload; returns once it is durable."""
         key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
@@ -207,13 +260,12 @@ class ModelStore:
             )
         self._drop_superseded(row[0] if row else None, rel)
 
+    @_storage_errors
     def ids(self) -> list[str]:
         with self._db() as db:
             return [r[0] for r in db.execute("SELECT client_id FROM uploads ORDER BY client_id")]
 
-    def __len__(self) -> int:
-        return len(self.ids())
-
+    @_storage_errors
     def zoo(self) -> ModelZoo:
         """Every stored upload as one zoo (checks each file against its recorded hash)."""
         with self._db() as db:
@@ -234,6 +286,7 @@ class ModelStore:
         return ModelZoo.from_models(spec, records)
 
     # -- meta-model -----------------------------------------------------------------------------
+    @_storage_errors
     def save_meta_model(self, model: MetaModel) -> Path:
         rel = f"meta_model-{uuid.uuid4().hex[:12]}.safetensors"
         path = self.root / rel
@@ -245,6 +298,7 @@ class ModelStore:
         self._drop_superseded(row[0] if row else None, rel)
         return path
 
+    @_storage_errors
     def load_meta_model(self, pmap: ParallelMap | None = None) -> MetaModel:
         with self._db() as db:
             row = db.execute("SELECT file, sha256 FROM meta_model WHERE id = 1").fetchone()
@@ -256,11 +310,13 @@ class ModelStore:
         return MetaModel.load(path, pmap=pmap)
 
     # -- reports of rounds (who was accepted, rejected, failed, excluded) -----------------------
+    @_storage_errors
     def record_round(self, phase: str, report: dict[str, Any]) -> None:
         with self._db() as db:
             db.execute("INSERT INTO rounds (phase, payload, finished) VALUES (?, ?, ?)",
                        (phase, json.dumps(report), time.time()))
 
+    @_storage_errors
     def rounds(self, phase: str | None = None) -> list[dict[str, Any]]:
         with self._db() as db:
             q = "SELECT phase, payload FROM rounds" + (" WHERE phase = ?" if phase else "") + " ORDER BY id"
@@ -268,11 +324,13 @@ class ModelStore:
         return [{"phase": p, **json.loads(payload)} for p, payload in rows]
 
     # -- personalization metrics ----------------------------------------------------------------
+    @_storage_errors
     def record_metrics(self, client_id: str, run: str, metrics: dict[str, Any]) -> None:
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
                        (client_id, run, json.dumps(metrics), time.time()))
 
+    @_storage_errors
     def metrics(self, run: str | None = None) -> dict[str, dict[str, Any]]:
         with self._db() as db:
             q = "SELECT client_id, payload FROM metrics" + (" WHERE run = ?" if run else "")

@@ -3,8 +3,8 @@
 Math and formats only; neither Flower nor Ray is imported here.
 """
 
-from fedfuse.errors import (ArchitectureError, DescriptorError, FedfuseError, NotFittedError,
-                            ZooError)
+from fedfuse.errors import (ArchitectureError, DescriptorError, FedfuseError, FedfuseFailure,
+                            NotFittedError, StoreError, ZooError)
 from fedfuse.layout import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap, serial_map
@@ -13,7 +13,8 @@ from fedfuse.posterior import WeightPosterior
 from fedfuse.zoo import ModelZoo
 
 __all__ = [
-    "ArchitectureError", "DescriptorError", "FedfuseError", "NotFittedError", "ZooError",
+    "ArchitectureError", "DescriptorError", "FedfuseError", "FedfuseFailure", "NotFittedError",
+    "StoreError", "ZooError",
     "MLPSpec", "MetaModel", "ParallelMap", "serial_map", "SparseLocalizedGP", "WeightPosterior",
     "ModelZoo",
 ]
