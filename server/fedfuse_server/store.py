@@ -23,18 +23,20 @@ import os
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
 
 import torch
 
 from fedfuse.errors import FedfuseError, StoreError, ZooError
-from fedfuse.io import fsync_dir, load_tensors, parse_tensors, peek_tensors, save_tensors
+from fedfuse.io import fsync_dir, parse_tensors, peek_tensors, save_tensors
 from fedfuse.layout import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap
-from fedfuse.wire import Upload
+from fedfuse.wire import Upload, UploadRejected
 from fedfuse.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,55 @@ def _storage_errors(method: Callable[Concatenate[ModelStore, P], R]) -> Callable
     return wrapper
 
 
+@dataclass(frozen=True)
+class StoreProblem:
+    """A stored file that cannot be used, and why."""
+
+    client_id: str | None
+    file: str  # relative to the store's root
+    reason: str
+
+    def __str__(self) -> str:
+        who = "unknown" if self.client_id is None else repr(self.client_id)
+        return f"{self.file} (client {who}): {self.reason}"
+
+
+def _checked(cid: str, spec: MLPSpec, weights: torch.Tensor | None,
+             tau: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and descriptor in float32, the precision the store keeps, or UploadRejected saying
+    why they would be unusable: a value finite in float64 (1e39) is inf in float32."""
+    if weights is None or tau is None:
+        raise UploadRejected(f"client {cid!r} has no weights or no descriptor")
+    weights, tau = weights.detach().flatten().to(torch.float32), tau.detach().flatten().to(torch.float32)
+    if weights.numel() != spec.num_weights:
+        raise UploadRejected(f"client {cid!r} has {weights.numel()} weights; its architecture "
+                             f"{list(spec.sizes)} has {spec.num_weights}")
+    if tau.numel() == 0:
+        raise UploadRejected(f"client {cid!r} has an empty descriptor")
+    bad = (~torch.isfinite(weights)).nonzero().flatten()
+    if bad.numel():
+        raise UploadRejected(f"client {cid!r} has {bad.numel()} weights that are not finite as float32, the "
+                             f"store's precision (the first at index {int(bad[0])}): retrain the model or "
+                             "keep its weights within ±3.4e38")
+    bad = (~torch.isfinite(tau)).nonzero().flatten()
+    if bad.numel():
+        raise UploadRejected(f"client {cid!r} has a descriptor that is not finite as float32, the store's "
+                             f"precision (entry {int(bad[0])}): scale descriptors to within ±3.4e38")
+    return weights, tau
+
+
+def _as_stored(upload: Upload) -> dict[str, torch.Tensor]:
+    """The upload's tensors as the store keeps them, or UploadRejected: stored, an entry the store
+    could not use later would only be skipped by every future zoo."""
+    n = upload.n_examples
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**63:
+        raise UploadRejected(f"client {upload.client_id!r} reports {n!r} training examples; "
+                             "a whole number from 0 to 2**63 - 1 is needed")
+    weights, tau = _checked(upload.client_id, upload.spec, torch.as_tensor(upload.weights),
+                            torch.tensor(upload.tau, dtype=torch.float64))
+    return {"weights": weights, "tau": tau}
+
+
 class ModelStore:
     @_storage_errors
     def __init__(self, root: str | os.PathLike) -> None:
@@ -129,6 +180,7 @@ class ModelStore:
             db.executescript(SCHEMA)
         finally:
             db.close()
+        self._unreadable: list[StoreProblem] = []
         self._recover()
 
     @_storage_errors
@@ -245,11 +297,11 @@ class ModelStore:
     @_storage_errors
     def put(self, upload: Upload) -> None:
         """Store (or replace) one client's upload; returns once it is durable."""
+        tensors = _as_stored(upload)
         key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
         rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
-        path = save_tensors(self.root / rel, {"weights": upload.weights, "tau": torch.tensor(upload.tau)},
-                            {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
-                             "n_examples": int(upload.n_examples)})
+        path = save_tensors(self.root / rel, tensors, {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
+                                                       "n_examples": upload.n_examples})
         with self._db() as db:
             row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
             db.execute(
@@ -267,23 +319,65 @@ class ModelStore:
 
     @_storage_errors
     def zoo(self) -> ModelZoo:
-        """Every stored upload as one zoo (checks each file against its recorded hash)."""
+        """Every usable stored upload as one zoo. An entry whose file is missing, unreadable,
+        changed since it was stored (hash), non-finite or of another architecture than most is
+        skipped, logged and listed by :meth:`unreadable`: one bad entry must not block every fit."""
         with self._db() as db:
             rows = db.execute("SELECT client_id, file, sha256, n_examples FROM uploads "
                               "ORDER BY client_id").fetchall()
         if not rows:
             raise ZooError(f"the store at {self.root} holds no uploads yet: run the collect phase first")
-        records, spec = [], None
-        for cid, name, digest, n_examples in rows:
-            path = self.root / name
-            if _sha256(path) != digest:
-                raise FedfuseError(f"store file {path} for client {cid!r} does not match its index entry")
-            tensors, meta = load_tensors(path)
-            s = MLPSpec.from_dict(meta["spec"])
-            if spec is None:
-                spec = s
-            records.append((cid, tensors["weights"], tensors["tau"], n_examples))
-        return ModelZoo.from_models(spec, records)
+        loaded, problems = {}, []
+        for cid, rel, digest, n_examples in rows:
+            entry = self._read_entry(cid, rel, digest)
+            if isinstance(entry, StoreProblem):
+                problems.append(entry)
+            else:
+                loaded[cid] = (rel, *entry, n_examples)
+        if not loaded:
+            self._report(problems)
+            raise ZooError(f"the store at {self.root} holds {len(rows)} uploads but none is usable "
+                           f"({problems[0]}, ...): `fedfuse store verify {self.root}` lists every problem")
+        # the zoo's architecture and descriptor length are those most entries have
+        spec, tau_dim = Counter((s, tau.numel()) for _, s, _, tau, _ in loaded.values()).most_common(1)[0][0]
+        for cid, (rel, s, _, tau, _) in list(loaded.items()):
+            if (s, tau.numel()) != (spec, tau_dim):
+                problems.append(StoreProblem(cid, rel, f"architecture {list(s.sizes)} with descriptors of "
+                                             f"length {tau.numel()} differs from the zoo's ({list(spec.sizes)}, "
+                                             f"length {tau_dim}), which most entries have"))
+                del loaded[cid]
+        self._report(problems)
+        return ModelZoo.from_models(spec, [(cid, w, tau, n) for cid, (_, _, w, tau, n) in loaded.items()])
+
+    def _report(self, problems: list[StoreProblem]) -> None:
+        self._unreadable = sorted(problems, key=lambda p: p.file)
+        for p in self._unreadable:
+            log.warning("skipped a stored upload: %s", p)
+
+    def unreadable(self) -> list[StoreProblem]:
+        """The entries the last :meth:`zoo` skipped, each with its reason."""
+        return list(self._unreadable)
+
+    def _read_entry(self, cid: str, rel: str, digest: str) -> tuple[MLPSpec, torch.Tensor, torch.Tensor] | StoreProblem:
+        """One entry's architecture, weights and descriptor, checked; or why it is unusable."""
+        path = self.root / rel
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return StoreProblem(cid, rel, f"cannot be read: {exc.strerror or exc}")
+        if hashlib.sha256(data).hexdigest() != digest:
+            return StoreProblem(cid, rel, "does not match its index entry: the file changed after it was stored")
+        try:
+            tensors, meta = parse_tensors(data, path)
+            spec = MLPSpec.from_dict(meta.get("spec"))
+        except FedfuseError as exc:
+            return StoreProblem(cid, rel, str(exc))
+        if meta.get("client_id") != cid:
+            return StoreProblem(cid, rel, f"its header names client {meta.get('client_id')!r}")
+        try:
+            return spec, *_checked(cid, spec, tensors.get("weights"), tensors.get("tau"))
+        except FedfuseError as exc:
+            return StoreProblem(cid, rel, str(exc))
 
     # -- meta-model -----------------------------------------------------------------------------
     @_storage_errors
