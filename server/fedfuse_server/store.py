@@ -15,6 +15,7 @@ rebuilt from the upload files, each of which names its client in its header.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # A file no index row points to and younger than this may be a concurrent writer's, about to be
 # committed: it is left alone. Older ones are quarantined (temp files of a crashed write removed).
 GRACE_S = 300.0
+# Readers hold it shared while they read rows and the files those name; a file an entry no longer
+# names is deleted only by a writer that holds it exclusively.
+READERS_LOCK = "readers.lock"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -72,6 +76,10 @@ CREATE TABLE IF NOT EXISTS meta_model (
     sha256 TEXT NOT NULL,
     n_models INTEGER NOT NULL,
     fitted REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS superseded (
+    file TEXT PRIMARY KEY,
+    since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantined (
     file TEXT PRIMARY KEY,
@@ -174,6 +182,7 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
+        (self.root / READERS_LOCK).touch()
         db = sqlite3.connect(self.root / "index.sqlite", timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -212,10 +221,12 @@ class ModelStore:
         """Make files and index agree again after a crash or a lost index, deleting nothing a
         row might need: an index without uploads is rebuilt from the upload files; files no row
         points to are quarantined; only a crashed writer's temp files are removed."""
+        self._collect_superseded()
         with self._db() as db:
+            superseded = {r[0] for r in db.execute("SELECT file FROM superseded")}
             if db.execute("SELECT 1 FROM uploads LIMIT 1").fetchone() is None:
-                self._index_files(db)
-            live = {r[0] for r in db.execute("SELECT file FROM uploads")}
+                self._index_files(db, superseded)
+            live = superseded | {r[0] for r in db.execute("SELECT file FROM uploads")}
             live |= {r[0] for r in db.execute("SELECT file FROM meta_model")}
             for path in self._stored_files():
                 if str(path.relative_to(self.root)) not in live and _older_than(path, grace):
@@ -228,11 +239,14 @@ class ModelStore:
     def _stored_files(self) -> list[Path]:
         return sorted([*(self.root / "uploads").glob("*.safetensors"), *self.root.glob("meta_model-*.safetensors")])
 
-    def _index_files(self, db: sqlite3.Connection) -> None:
+    def _index_files(self, db: sqlite3.Connection, superseded: set[str]) -> None:
         """One row per client from the upload files' headers (the index was lost): the newest
-        file of each client (by modification time) is its entry, older ones are quarantined."""
+        file of each client (by modification time) is its entry, older ones are quarantined;
+        files awaiting deletion are left to it."""
         by_client: dict[str, list[tuple[float, str, str, int]]] = {}
         for path in sorted((self.root / "uploads").glob("*.safetensors")):
+            if f"uploads/{path.name}" in superseded:
+                continue
             data = path.read_bytes()
             try:
                 _, meta = parse_tensors(data, path)
@@ -273,17 +287,35 @@ class ModelStore:
                     time.time()))
         log.warning("quarantined %s: %s", dest, reason)
 
-    def _drop_superseded(self, old: str | None, new: str) -> None:
-        """After the commit that switched to ``new``: drop the superseded file."""
-        if old and old != new:
-            (self.root / old).unlink(missing_ok=True)
+    def _collect_superseded(self) -> None:
+        """Delete the files superseded entries left behind, if no reader (in any process) holds
+        the shared lock now, so none can still be reading one; otherwise a later write does it."""
+        with open(self.root / READERS_LOCK, "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            with self._db() as db:
+                for (rel,) in db.execute("SELECT file FROM superseded").fetchall():
+                    (self.root / rel).unlink(missing_ok=True)
+                db.execute("DELETE FROM superseded")
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction during which every file its rows name stays in place: the shared
+        lock keeps writers from deleting superseded files until it is released."""
+        with open(self.root / READERS_LOCK, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            with self._db(write=False) as db:
+                yield db
+
+    @contextmanager
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; a write one takes SQLite's write lock at once (no upgrade deadlocks)."""
         db = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
                 db.execute("COMMIT")
@@ -310,11 +342,13 @@ class ModelStore:
                 "received=excluded.received",
                 (upload.client_id, rel, _sha256(path), upload.n_examples, time.time()),
             )
-        self._drop_superseded(row[0] if row else None, rel)
+            if row:
+                db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+        self._collect_superseded()
 
     @_storage_errors
     def ids(self) -> list[str]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             return [r[0] for r in db.execute("SELECT client_id FROM uploads ORDER BY client_id")]
 
     @_storage_errors
@@ -322,14 +356,14 @@ class ModelStore:
         """Every usable stored upload as one zoo. An entry whose file is missing, unreadable,
         changed since it was stored (hash), non-finite or of another architecture than most is
         skipped, logged and listed by :meth:`unreadable`: one bad entry must not block every fit."""
-        with self._db() as db:
+        with self._snapshot() as db:
             rows = db.execute("SELECT client_id, file, sha256, n_examples FROM uploads "
                               "ORDER BY client_id").fetchall()
+            entries = [self._read_entry(cid, rel, digest) for cid, rel, digest, _ in rows]
         if not rows:
             raise ZooError(f"the store at {self.root} holds no uploads yet: run the collect phase first")
         loaded, problems = {}, []
-        for cid, rel, digest, n_examples in rows:
-            entry = self._read_entry(cid, rel, digest)
+        for (cid, rel, _, n_examples), entry in zip(rows, entries):
             if isinstance(entry, StoreProblem):
                 problems.append(entry)
             else:
@@ -389,19 +423,21 @@ class ModelStore:
             row = db.execute("SELECT file FROM meta_model WHERE id = 1").fetchone()
             db.execute("INSERT OR REPLACE INTO meta_model VALUES (1, ?, ?, ?, ?)",
                        (rel, _sha256(path), len(model.ids_), time.time()))
-        self._drop_superseded(row[0] if row else None, rel)
+            if row:
+                db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+        self._collect_superseded()
         return path
 
     @_storage_errors
     def load_meta_model(self, pmap: ParallelMap | None = None) -> MetaModel:
-        with self._db() as db:
+        with self._snapshot() as db:
             row = db.execute("SELECT file, sha256 FROM meta_model WHERE id = 1").fetchone()
-        if row is None:
-            raise FedfuseError(f"no fitted meta-model in the store at {self.root}: run the fit phase first")
-        path = self.root / row[0]
-        if _sha256(path) != row[1]:
-            raise FedfuseError(f"{path} does not match its index entry")
-        return MetaModel.load(path, pmap=pmap)
+            if row is None:
+                raise FedfuseError(f"no fitted meta-model in the store at {self.root}: run the fit phase first")
+            path = self.root / row[0]
+            if _sha256(path) != row[1]:
+                raise FedfuseError(f"{path} does not match its index entry")
+            return MetaModel.load(path, pmap=pmap)
 
     # -- reports of rounds (who was accepted, rejected, failed, excluded) -----------------------
     @_storage_errors
@@ -412,7 +448,7 @@ class ModelStore:
 
     @_storage_errors
     def rounds(self, phase: str | None = None) -> list[dict[str, Any]]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             q = "SELECT phase, payload FROM rounds" + (" WHERE phase = ?" if phase else "") + " ORDER BY id"
             rows = db.execute(q, (phase,) if phase else ()).fetchall()
         return [{"phase": p, **json.loads(payload)} for p, payload in rows]
@@ -426,7 +462,7 @@ class ModelStore:
 
     @_storage_errors
     def metrics(self, run: str | None = None) -> dict[str, dict[str, Any]]:
-        with self._db() as db:
+        with self._db(write=False) as db:
             q = "SELECT client_id, payload FROM metrics" + (" WHERE run = ?" if run else "")
             rows = db.execute(q, (run,) if run else ()).fetchall()
         return {cid: json.loads(p) for cid, p in rows}
