@@ -121,3 +121,19 @@ def test_one_bad_entry_is_skipped_and_reported_never_blocking_the_zoo(tmp_path, 
     assert "'b'" in caplog.text and reason in caplog.text
     store.put(_upload("b"))  # a new upload replaces the bad entry
     assert store.zoo().ids == ["a", "b", "c"] and store.unreadable() == []
+
+
+def test_a_quarantined_entry_leaves_the_zoo_but_keeps_its_file_and_reason(tmp_path):
+    store = ModelStore(tmp_path)
+    store.put(_upload("a"))
+    store.put(_upload("b", 2.0))
+    store.quarantine("b", "outlier in the fit's screen")
+    assert store.zoo().ids == ["a"] and store.ids() == ["a"]
+    (entry,) = [e for e in store.entries() if e.client_id == "b"]
+    assert (entry.status, entry.reason, entry.n_examples) == ("quarantined", "outlier in the fit's screen", 10)
+    assert entry.descriptor == [2.0, 0.5] and (tmp_path / entry.file).is_file()
+    assert entry.file.startswith("quarantine/")
+    with pytest.raises(FedfuseError, match="no entry for client 'zz'"):
+        store.quarantine("zz", "?")
+    store.put(_upload("b", 3.0))  # a new upload is judged afresh
+    assert ModelStore(tmp_path).zoo().ids == ["a", "b"]
