@@ -137,8 +137,21 @@ class StoreProblem:
     reason: str
 
     def __str__(self) -> str:
-        who = "unknown" if self.client_id is None else repr(self.client_id)
-        return f"{self.file} (client {who}): {self.reason}"
+        who = "" if self.client_id is None else f" (client {self.client_id!r})"
+        return f"{self.file}{who}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """An entry as the operator sees it (`fedfuse store ls`): in the zoo or quarantined."""
+
+    client_id: str | None  # None: a quarantined file whose header names no client
+    file: str  # relative to the store's root
+    received: float | None
+    n_examples: int | None
+    descriptor: list[float] | None  # None: the file could not be read
+    status: str  # "ok", "unreadable" or "quarantined"
+    reason: str  # why it is unreadable or quarantined
 
 
 def _checked(cid: str, spec: MLPSpec, weights: torch.Tensor | None,
@@ -356,37 +369,40 @@ class ModelStore:
         """Every usable stored upload as one zoo. An entry whose file is missing, unreadable,
         changed since it was stored (hash), non-finite or of another architecture than most is
         skipped, logged and listed by :meth:`unreadable`: one bad entry must not block every fit."""
+        n_rows, spec, loaded, problems = self._usable()
+        self._unreadable = problems
+        for p in problems:
+            log.warning("skipped a stored upload: %s", p)
+        if not n_rows:
+            raise ZooError(f"the store at {self.root} holds no uploads yet: run the collect phase first")
+        if not loaded:
+            raise ZooError(f"the store at {self.root} holds {n_rows} uploads but none is usable "
+                           f"({problems[0]}, ...): `fedfuse store verify {self.root}` lists every problem")
+        return ModelZoo.from_models(spec, loaded)
+
+    def _usable(self) -> tuple[int, MLPSpec | None, list[tuple[str, torch.Tensor, torch.Tensor, int]],
+                               list[StoreProblem]]:
+        """Read in one snapshot: the number of entries, the zoo's architecture, the ``(client_id,
+        weights, tau, n_examples)`` of every usable entry and the problems of the others."""
         with self._snapshot() as db:
             rows = db.execute("SELECT client_id, file, sha256, n_examples FROM uploads "
                               "ORDER BY client_id").fetchall()
             entries = [self._read_entry(cid, rel, digest) for cid, rel, digest, _ in rows]
-        if not rows:
-            raise ZooError(f"the store at {self.root} holds no uploads yet: run the collect phase first")
-        loaded, problems = {}, []
-        for (cid, rel, _, n_examples), entry in zip(rows, entries):
-            if isinstance(entry, StoreProblem):
-                problems.append(entry)
-            else:
-                loaded[cid] = (rel, *entry, n_examples)
-        if not loaded:
-            self._report(problems)
-            raise ZooError(f"the store at {self.root} holds {len(rows)} uploads but none is usable "
-                           f"({problems[0]}, ...): `fedfuse store verify {self.root}` lists every problem")
+        problems = [e for e in entries if isinstance(e, StoreProblem)]
+        good = [(row, e) for row, e in zip(rows, entries) if not isinstance(e, StoreProblem)]
+        if not good:
+            return len(rows), None, [], sorted(problems, key=lambda p: p.file)
         # the zoo's architecture and descriptor length are those most entries have
-        spec, tau_dim = Counter((s, tau.numel()) for _, s, _, tau, _ in loaded.values()).most_common(1)[0][0]
-        for cid, (rel, s, _, tau, _) in list(loaded.items()):
-            if (s, tau.numel()) != (spec, tau_dim):
+        spec, tau_dim = Counter((s, tau.numel()) for _, (s, _, tau) in good).most_common(1)[0][0]
+        loaded = []
+        for (cid, rel, _, n_examples), (s, w, tau) in good:
+            if (s, tau.numel()) == (spec, tau_dim):
+                loaded.append((cid, w, tau, n_examples))
+            else:
                 problems.append(StoreProblem(cid, rel, f"architecture {list(s.sizes)} with descriptors of "
                                              f"length {tau.numel()} differs from the zoo's ({list(spec.sizes)}, "
                                              f"length {tau_dim}), which most entries have"))
-                del loaded[cid]
-        self._report(problems)
-        return ModelZoo.from_models(spec, [(cid, w, tau, n) for cid, (_, _, w, tau, n) in loaded.items()])
-
-    def _report(self, problems: list[StoreProblem]) -> None:
-        self._unreadable = sorted(problems, key=lambda p: p.file)
-        for p in self._unreadable:
-            log.warning("skipped a stored upload: %s", p)
+        return len(rows), spec, loaded, sorted(problems, key=lambda p: p.file)
 
     def unreadable(self) -> list[StoreProblem]:
         """The entries the last :meth:`zoo` skipped, each with its reason."""
@@ -394,15 +410,11 @@ class ModelStore:
 
     def _read_entry(self, cid: str, rel: str, digest: str) -> tuple[MLPSpec, torch.Tensor, torch.Tensor] | StoreProblem:
         """One entry's architecture, weights and descriptor, checked; or why it is unusable."""
-        path = self.root / rel
+        read = self._read_file(rel, digest)
+        if isinstance(read, str):
+            return StoreProblem(cid, rel, read)
+        tensors, meta = read
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return StoreProblem(cid, rel, f"cannot be read: {exc.strerror or exc}")
-        if hashlib.sha256(data).hexdigest() != digest:
-            return StoreProblem(cid, rel, "does not match its index entry: the file changed after it was stored")
-        try:
-            tensors, meta = parse_tensors(data, path)
             spec = MLPSpec.from_dict(meta.get("spec"))
         except FedfuseError as exc:
             return StoreProblem(cid, rel, str(exc))
@@ -412,6 +424,99 @@ class ModelStore:
             return spec, *_checked(cid, spec, tensors.get("weights"), tensors.get("tau"))
         except FedfuseError as exc:
             return StoreProblem(cid, rel, str(exc))
+
+    def _read_file(self, rel: str, digest: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
+        """A stored file's tensors and header, read once and checked against the hash its index
+        row recorded; or what is wrong with it."""
+        path = self.root / rel
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return "does not match its index entry: the file changed after it was stored"
+        try:
+            return parse_tensors(data, path)
+        except FedfuseError as exc:
+            return str(exc)
+
+    # -- the operator's view ----------------------------------------------------------------------
+    @_storage_errors
+    def entries(self) -> list[StoreEntry]:
+        """Every entry, in the zoo (by client id) or quarantined (oldest first), with the
+        descriptor its file holds; no hash check (that is :meth:`verify`)."""
+        def descriptor(rel: str) -> tuple[list[float] | None, str]:
+            try:
+                return peek_tensors(self.root / rel, ("tau",))[0]["tau"].tolist(), ""
+            except FedfuseError as exc:
+                return None, str(exc)
+
+        with self._snapshot() as db:
+            live = db.execute("SELECT client_id, file, received, n_examples FROM uploads ORDER BY client_id").fetchall()
+            held = db.execute("SELECT client_id, file, received, n_examples, reason FROM quarantined "
+                              "ORDER BY quarantined").fetchall()
+            out = []
+            for cid, rel, received, n_examples in live:
+                tau, error = descriptor(rel)
+                out.append(StoreEntry(cid, rel, received, n_examples, tau, "unreadable" if error else "ok", error))
+            for cid, rel, received, n_examples, reason in held:
+                out.append(StoreEntry(cid, rel, received, n_examples, descriptor(rel)[0], "quarantined", reason))
+        return out
+
+    @_storage_errors
+    def verify(self) -> list[StoreProblem]:
+        """Whatever would keep an entry out of the zoo (a missing, changed, unreadable or
+        non-finite file, a minority architecture) and a damaged meta-model file; empty when all
+        is well."""
+        problems = self._usable()[3]
+        with self._snapshot() as db:
+            row = db.execute("SELECT file, sha256 FROM meta_model WHERE id = 1").fetchone()
+            read = self._read_file(*row) if row else None
+        if isinstance(read, str):
+            problems.append(StoreProblem(None, row[0], f"the meta-model {read}"))
+        return problems
+
+    @_storage_errors
+    def quarantine(self, client_id: str, reason: str) -> None:
+        """Take a client's entry out of the zoo; its file is kept under quarantine/ and
+        :meth:`entries` lists it with ``reason``. A later upload from the client is judged afresh."""
+        self._retire(client_id, reason)
+
+    @_storage_errors
+    def remove(self, client_id: str) -> None:
+        """Drop a client's entry (`fedfuse store rm`); its file is kept under quarantine/."""
+        self._retire(client_id, None)
+
+    def _retire(self, client_id: str, reason: str | None) -> None:
+        """Link the entry's file into quarantine/ and drop its row in one transaction; the old
+        name goes the way of superseded files, since a reader may still be reading it."""
+        with self._db() as db:
+            row = db.execute("SELECT file, n_examples, received FROM uploads WHERE client_id = ?",
+                             (client_id,)).fetchone()
+            if row is None:
+                raise FedfuseError(f"the store at {self.root} has no entry for client {client_id!r}: "
+                                   f"`fedfuse store ls {self.root}` lists them")
+            src = self.root / row[0]
+            dest = self.root / "quarantine" / src.name
+            dest.parent.mkdir(exist_ok=True)
+            try:
+                os.link(src, dest)
+            except FileNotFoundError:
+                log.warning("the file %s of client %r was already gone", src, client_id)
+            except FileExistsError:  # linked by an earlier try that did not commit
+                if not os.path.samefile(src, dest):
+                    raise
+            fsync_dir(dest.parent)
+            db.execute("DELETE FROM uploads WHERE client_id = ?", (client_id,))
+            db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+            if reason is not None:
+                db.execute("INSERT OR REPLACE INTO quarantined VALUES (?, ?, ?, ?, ?, ?)",
+                           (f"quarantine/{dest.name}", client_id, row[1], row[2], reason, time.time()))
+        self._collect_superseded()
+        if reason is None:
+            log.info("removed the entry of client %r; its file is kept as %s", client_id, dest)
+        else:
+            log.warning("quarantined the entry of client %r (%r); its file is kept as %s", client_id, reason, dest)
 
     # -- meta-model -----------------------------------------------------------------------------
     @_storage_errors
@@ -466,3 +571,53 @@ class ModelStore:
             q = "SELECT client_id, payload FROM metrics" + (" WHERE run = ?" if run else "")
             rows = db.execute(q, (run,) if run else ()).fetchall()
         return {cid: json.loads(p) for cid, p in rows}
+
+
+def rebuild_index(root: str | os.PathLike) -> ModelStore:
+    """Set a damaged or suspect index aside as ``index.sqlite.bak`` and rebuild the uploads from
+    the files, as when an index is lost. What the files cannot tell (rounds, metrics, quarantine
+    records, files awaiting deletion, the meta-model entry) is copied from the old index as far as
+    it can still be read. Run it with the server stopped: a process that has the old index open
+    would go on writing to it."""
+    root = Path(root).resolve()
+    index, backup = root / "index.sqlite", root / "index.sqlite.bak"
+    if backup.exists():
+        raise StoreError(f"{backup} already exists (an earlier rebuild's backup): move it away, then rebuild again")
+    try:
+        for suffix in ("", "-wal", "-shm"):  # SQLite finds a database's log by its name
+            if (root / f"index.sqlite{suffix}").exists():
+                os.replace(root / f"index.sqlite{suffix}", root / f"index.sqlite.bak{suffix}")
+        fsync_dir(root)
+        _carry_over(backup, index)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"could not set the index {index} aside and start a new one: {exc}; check "
+                         "that the store folder is writable") from exc
+    return ModelStore(root)
+
+
+def _carry_over(backup: Path, index: Path) -> None:
+    """A new index holding the old one's tables that the files cannot rebuild, table by table,
+    as far as the old one is readable; a meta-model entry only if its file is still there."""
+    db = sqlite3.connect(index, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        if not backup.exists():
+            return
+        try:
+            db.execute("ATTACH DATABASE ? AS old", (str(backup),))
+            db.execute("SELECT count(*) FROM old.sqlite_master")
+        except sqlite3.DatabaseError as exc:
+            log.warning("the old index %s is unreadable (%s): rounds, metrics and quarantine records "
+                        "are not carried over", backup, exc)
+            return
+        for table in ("rounds", "metrics", "quarantined", "superseded", "meta_model"):
+            try:
+                db.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")
+            except sqlite3.DatabaseError as exc:
+                log.warning("table %s of the old index %s is not carried over: %s", table, backup, exc)
+        row = db.execute("SELECT file FROM meta_model").fetchone()
+        if row and not (index.parent / row[0]).is_file():
+            db.execute("DELETE FROM meta_model")
+    finally:
+        db.close()
