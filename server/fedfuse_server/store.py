@@ -1,16 +1,16 @@
 """The server's durable model store: one safetensors file per upload plus a SQLite index.
 
 Layout under ``root``: ``uploads/<key>-<version>.safetensors`` (weights, descriptor,
-architecture, client id, example count), ``meta_model-<version>.safetensors``, ``index.sqlite``
-and ``quarantine/``. Every write goes to a new file (itself written to a temp name, fsynced and
-renamed); the index row is switched to it in one SQLite transaction and only then is the previous
-file deleted. A crash at any point leaves the index pointing at a complete file, the old one or
-the new one. Entries are keyed by the client's own id: an upload from a known id replaces its
-entry.
+architecture, client id, example count), ``meta_model-<version>.safetensors``, ``index.sqlite``,
+``readers.lock`` and ``quarantine/``. Every write goes to a new file (temp name, fsync, rename,
+fsync of the folder); the index row is switched to it in one SQLite transaction. A crash at any
+point leaves the index pointing at a complete file, the old one or the new one. Entries are keyed
+by the client's own id: an upload from a known id replaces its entry.
 
-Nothing an index row might still need is ever deleted: when the store is opened, files no row
-points to are moved to ``quarantine/`` (with a row saying why), and an index that was lost is
-rebuilt from the upload files, each of which names its client in its header.
+Nothing an index row might still need is ever deleted. A superseded file is deleted only while
+no reader holds ``readers.lock``, so a reader sees its rows and their files as one snapshot. When
+the store is opened, files no row points to are moved to ``quarantine/`` (with a row saying why),
+and an index that was lost is rebuilt from the upload files, each of which names its client.
 """
 
 from __future__ import annotations
@@ -302,7 +302,8 @@ class ModelStore:
 
     def _collect_superseded(self) -> None:
         """Delete the files superseded entries left behind, if no reader (in any process) holds
-        the shared lock now, so none can still be reading one; otherwise a later write does it."""
+        the shared lock now, so none can still be reading one; otherwise the next write that
+        supersedes a file, or the next opening of the store, does it."""
         with open(self.root / READERS_LOCK, "rb") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -357,7 +358,8 @@ class ModelStore:
             )
             if row:
                 db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
-        self._collect_superseded()
+        if row:
+            self._collect_superseded()
 
     @_storage_errors
     def ids(self) -> list[str]:
@@ -530,7 +532,8 @@ class ModelStore:
                        (rel, _sha256(path), len(model.ids_), time.time()))
             if row:
                 db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
-        self._collect_superseded()
+        if row:
+            self._collect_superseded()
         return path
 
     @_storage_errors

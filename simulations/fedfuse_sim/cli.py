@@ -268,7 +268,7 @@ def store_verify(store: Path = STORE) -> None:
         typer.echo(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {store}: `fedfuse store rm` "
                    "or a new upload from the client replaces a bad entry", err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {n} entries and the meta-model match the index")
+    typer.echo(f"ok: {n} entries (and the meta-model, if one is fitted) match the index")
 
 
 @store_app.command("rebuild-index")
