@@ -74,6 +74,7 @@ class ServerRun:
 
     def phases(self) -> dict[str, Any]:
         log.info("store at %s; family %s; phases %s", self.store.root, self.family.name, self.cfg.phases)
+        self.store.check_writable()  # a storage fault is named before any device is asked
         out: dict[str, Any] = {}
         for phase in self.cfg.phases:
             start = time.perf_counter()

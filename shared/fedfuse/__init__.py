@@ -5,8 +5,8 @@ Math and formats; neither Flower nor Ray is imported here, except by ``fedfuse.r
 """
 
 from fedfuse.architectures import Architecture, MLPSpec, ModuleSpec, VectorSpec
-from fedfuse.errors import (ArchitectureError, DescriptorError, FedfuseError, MessageRejected,
-                            NotFittedError, ZooError)
+from fedfuse.errors import (ArchitectureError, DescriptorError, FedfuseError, FedfuseFailure,
+                            MessageRejected, NotFittedError, StoreError, ZooError)
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.pic import SparseLocalizedGP
@@ -14,8 +14,9 @@ from fedfuse.posterior import WeightPosterior
 from fedfuse.zoo import ModelZoo
 
 __all__ = [
-    "ArchitectureError", "DescriptorError", "FedfuseError", "MessageRejected", "NotFittedError",
-    "ZooError", "Architecture", "MLPSpec", "ModuleSpec", "VectorSpec", "MetaModel", "ParallelMap", "serial_map", "SparseLocalizedGP", "WeightPosterior",
+    "ArchitectureError", "DescriptorError", "FedfuseError", "FedfuseFailure", "MessageRejected",
+    "NotFittedError", "StoreError", "ZooError", "Architecture", "MLPSpec", "ModuleSpec", "VectorSpec",
+    "MetaModel", "ParallelMap", "serial_map", "SparseLocalizedGP", "WeightPosterior",
     "ModelZoo",
 ]
 __version__ = "0.1.0"

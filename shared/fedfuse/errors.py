@@ -23,3 +23,12 @@ class MessageRejected(FedfuseError):
 
 class NotFittedError(FedfuseError, AttributeError):
     """A meta-model used before ``fit`` (same contract as scikit-learn's)."""
+
+
+class FedfuseFailure(Exception):
+    """Base class of failures that are not the caller's bad input (storage, quorum, deployment):
+    deliberately not a ValueError, so that no handler of bad input swallows them."""
+
+
+class StoreError(FedfuseFailure):
+    """The model store's folder or index could not be read or written; the message names the path."""

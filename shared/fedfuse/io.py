@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save_file
 
 from fedfuse.errors import FedfuseError
 
@@ -19,7 +20,8 @@ _META_KEY = "fedfuse"
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to ``path``: temp file in the same folder, fsync,
-    rename; a reader never sees a half-written file."""
+    rename, fsync the folder; a reader never sees a half-written file, and once this returns the
+    file survives a power failure (so an index entry written afterwards never names a lost file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,10 +35,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the folder's entries (a rename, a new file) durable: fsyncing a file does not."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -45,13 +57,37 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not path.is_file():
         raise FedfuseError(f"no such file: {path}")
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FedfuseError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return parse_tensors(data, path)
 
+
+def parse_tensors(data: bytes, source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`load_tensors` on bytes already read, so that a hash check and the parse see the
+    same bytes; ``source`` names them in errors."""
+    try:
+        tensors = load(data)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        meta = json.loads(header[_META_KEY]) if _META_KEY in header else None
+    except (SafetensorError, ValueError, struct.error) as exc:
+        raise FedfuseError(f"{source} is not a readable safetensors file: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise FedfuseError(f"{source} was not written by fedfuse (no '{_META_KEY}' header)")
+    return tensors, meta
+
+
+def peek_tensors(path: str | os.PathLike, names: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The header and only the named tensors of a :func:`save_tensors` file: a listing of many
+    large files reads a few bytes of each."""
+    try:
         with safe_open(path, framework="pt") as fh:
             header = fh.metadata() or {}
-    except (SafetensorError, OSError) as exc:
+            tensors = {name: fh.get_tensor(name) for name in names}
+        meta = json.loads(header[_META_KEY]) if _META_KEY in header else None
+    except (SafetensorError, OSError, ValueError) as exc:
         raise FedfuseError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if _META_KEY not in header:
+    if not isinstance(meta, dict):
         raise FedfuseError(f"{path} was not written by fedfuse (no '{_META_KEY}' header)")
-    return tensors, json.loads(header[_META_KEY])
+    return tensors, meta

@@ -1,5 +1,6 @@
 """A store killed with SIGKILL in the middle of writes loses no acknowledged upload."""
 
+import os
 import random
 import signal
 import subprocess
@@ -11,12 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedfuse.io import save_tensors
 from fedfuse.architectures import MLPSpec
 from fedfuse.wire import Upload
 from fedfuse_server.store import ModelStore
 
 WRITER = """
 import sys, torch
+from fedfuse.io import save_tensors
 from fedfuse.architectures import MLPSpec
 from fedfuse.wire import Upload
 from fedfuse_server.store import ModelStore
@@ -111,3 +114,67 @@ def test_a_fit_killed_midway_leaves_the_previous_model_and_restarts_cleanly(smal
     again = fit(ModelStore(tmp_path), quick, progress=False)
     assert again.ids_ == first.ids_
     assert len(list(tmp_path.glob("meta_model-*.safetensors"))) <= 2  # at most one orphan, collected later
+
+
+def _age(path, seconds: float = 600.0) -> None:
+    """Make a file look older than the store's grace period for files no row points to."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def _lose_index(root, how: str) -> None:
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    if how == "empty":
+        (root / "index.sqlite").write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["missing", "empty"])
+def test_a_lost_index_is_rebuilt_from_the_upload_files(tmp_path, how):
+    store = ModelStore(tmp_path)
+    store.put(Upload("a", SPEC, torch.full((SPEC.num_weights,), 1.0), [1.0, 0.0], 11))
+    store.put(Upload("b", SPEC, torch.full((SPEC.num_weights,), 2.0), [2.0, 0.0], 22))
+    files = sorted((tmp_path / "uploads").glob("*.safetensors"))
+    for path in files:
+        _age(path)
+    _lose_index(tmp_path, how)
+    zoo = ModelStore(tmp_path).zoo()
+    assert zoo.ids == ["a", "b"] and zoo.n_examples == [11, 22]
+    assert zoo.weights[:, 0].tolist() == [1.0, 2.0]
+    assert sorted((tmp_path / "uploads").glob("*.safetensors")) == files
+
+
+def test_rebuild_keeps_the_newest_file_of_a_client_and_quarantines_the_rest(tmp_path):
+    store = ModelStore(tmp_path)
+    store.put(Upload("a", SPEC, torch.full((SPEC.num_weights,), 1.0), [1.0, 0.0], 1))
+    (older,) = (tmp_path / "uploads").glob("*.safetensors")
+    content = older.read_bytes()
+    store.put(Upload("a", SPEC, torch.full((SPEC.num_weights,), 2.0), [2.0, 0.0], 1))
+    (newer,) = (tmp_path / "uploads").glob("*.safetensors")
+    older.write_bytes(content)  # a superseded file that outlived its index, as after a crash
+    _age(older, 900), _age(newer, 600)
+    meta = save_tensors(tmp_path / "meta_model-0123456789ab.safetensors", {"x": torch.zeros(1)}, {})
+    _age(meta)
+    crashed = tmp_path / "uploads" / ".x.safetensors.abc.tmp"
+    writing = tmp_path / "uploads" / ".y.safetensors.def.tmp"
+    crashed.write_bytes(b"half"), writing.write_bytes(b"half")
+    _age(crashed)
+    _lose_index(tmp_path, "missing")
+    zoo = ModelStore(tmp_path).zoo()
+    assert zoo.ids == ["a"] and float(zoo.weights[0, 0]) == 2.0
+    assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == sorted([older.name, meta.name])
+    assert not crashed.exists() and writing.exists()  # a crashed writer's temp file goes, a live one stays
+
+
+def test_a_file_no_row_points_to_is_quarantined_never_deleted(tmp_path):
+    store = ModelStore(tmp_path)
+    store.put(Upload("a", SPEC, torch.full((SPEC.num_weights,), 1.0), [1.0, 0.0], 1))
+    (kept,) = (tmp_path / "uploads").glob("*.safetensors")
+    stray = tmp_path / "uploads" / "0123-456789abcdef.safetensors"
+    stray.write_bytes(kept.read_bytes())
+    young = tmp_path / "uploads" / "4567-456789abcdef.safetensors"
+    young.write_bytes(kept.read_bytes())  # may be a concurrent writer's, about to be committed
+    _age(stray)
+    assert ModelStore(tmp_path).zoo().ids == ["a"]
+    assert (tmp_path / "quarantine" / stray.name).read_bytes() == kept.read_bytes()
+    assert kept.exists() and young.exists() and not stray.exists()
