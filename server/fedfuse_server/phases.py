@@ -226,6 +226,7 @@ def fit(store: ModelStore, cfg: RunConfig, pmap: ParallelMap | None = None, prog
         log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.excluded)
     log.info("fit: %d models of %s", len(kept), zoo.spec)
     model = meta_model(cfg, family, pmap or make_pmap(cfg), progress).fit(kept, probe=probe)
+    model.annotations_ = {"family": cfg.family, "descriptor": list(family.descriptor.names)}
     store.save_meta_model(model)
     store.record_round("fit", {**report.as_dict(), "models": len(kept), "seconds": model.fit_seconds_,
                                "rounds": model.n_rounds_})

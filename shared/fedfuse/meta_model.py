@@ -388,7 +388,8 @@ class MetaModel:
         for li, p in enumerate(self.perms_):
             tensors[f"perms.{li}"] = p.to(torch.int32)
         meta = {"format": FORMAT, "settings": self.get_params(), "spec": self.spec_.to_dict(),
-                "ids": self.ids_, "history": self.history_, "readout_ridge": self.readout_ridge_}
+                "ids": self.ids_, "history": self.history_, "readout_ridge": self.readout_ridge_,
+                "annotations": getattr(self, "annotations_", {})}
         if self.probe_ is not None:
             tensors["probe"] = self.probe_
         if self.function_ is not None:
@@ -405,6 +406,7 @@ class MetaModel:
         settings["hidden"] = tuple(settings["hidden"])
         self = cls(**settings, pmap=pmap)
         self.spec_, self.ids_, self.history_ = architectures.from_dict(meta["spec"]), meta["ids"], meta["history"]
+        self.annotations_ = meta.get("annotations", {})
         self.n_rounds_ = len(self.history_)
         self.tau_loc_, self.tau_scale_ = tensors["tau_loc"], tensors["tau_scale"]
         self.log_alpha_ = nn.Parameter(tensors["log_alpha"])
