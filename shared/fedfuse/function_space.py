@@ -5,7 +5,8 @@ the server's probe inputs (the function it computes there), or, for a bare vecto
 itself. Signatures are permutation invariant, so no alignment enters here. The zoo is modelled
 as matrix normal: ``cov(s_i, s_j) = (k(tau_i, tau_j) + noise delta_ij) C``, so every output
 shares the descriptor kernel ``k`` and the predictive mean of a new task,
-``mu + k_*^T (K + noise I)^-1 (S - mu)``, does not depend on ``C``.
+``mu + k_*^T (K + noise N)^-1 (S - mu)``, does not depend on ``C`` (``N``: each model's relative
+noise, larger for a model trained on fewer examples).
 
 Settings are chosen on the zoo alone, by leave-one-out: predicting model ``i`` from all the
 others is exactly what personalization does for a new device. For a GP the LOO residuals have a
@@ -97,22 +98,22 @@ class FunctionSpaceGP(nn.Module):
     # -- leave-one-out ----------------------------------------------------------------------------
     def _loo(self, kernel: gpytorch.kernels.Kernel, log_noise: Tensor, x: Tensor, y: Tensor,
              anchors: Tensor | None) -> _Loo:
-        noise = log_noise.exp()
+        noise = log_noise.exp() * self.noise_scale_
         n = x.shape[0]
         if anchors is None:  # closed form over the whole zoo
-            k = _k(kernel, x, x) + (noise + 1e-8) * torch.eye(n, dtype=x.dtype)
+            k = _k(kernel, x, x) + torch.diag(noise + 1e-8)
             g = torch.cholesky_inverse(torch.linalg.cholesky(k))
             diag = torch.diagonal(g)
             return _Loo((g @ y) / diag[:, None], 1.0 / diag, torch.arange(n))
         nbrs = self._nearest(x[anchors], x, exclude=anchors)  # (a, M)
         xa, xn, yn = x[anchors], x[nbrs], y[nbrs]
-        knn = _k(kernel, xn, xn) + (noise + 1e-8) * torch.eye(nbrs.shape[1], dtype=x.dtype)
+        knn = _k(kernel, xn, xn) + torch.diag_embed(noise[nbrs] + 1e-8)
         kan = _k(kernel, xa[:, None, :], xn)[:, 0, :]  # (a, M)
         kaa = _kdiag(kernel, xa)
         chol = torch.linalg.cholesky(knn)
         w = torch.cholesky_solve(kan[..., None], chol)[..., 0]  # (a, M)
         pred = torch.einsum("am,amd->ad", w, yn)
-        var = kaa + noise - (w * kan).sum(-1)
+        var = kaa + noise[anchors] - (w * kan).sum(-1)
         return _Loo(y[anchors] - pred, var.clamp_min(1e-12), anchors)
 
     def _nearest(self, query: Tensor, x: Tensor, exclude: Tensor | None = None,
@@ -141,9 +142,13 @@ class FunctionSpaceGP(nn.Module):
         return (loo.residual**2).mean()
 
     # -- fit --------------------------------------------------------------------------------------
-    def fit(self, tau: Tensor, signatures: Tensor) -> "FunctionSpaceGP":
+    def fit(self, tau: Tensor, signatures: Tensor, weights: Tensor | None = None) -> "FunctionSpaceGP":
+        """``weights`` ``(n,)``: how much each model is trusted, e.g. its number of training
+        examples; a model's noise variance scales with the zoo's mean weight over its own."""
         tau, y = tau.double(), signatures.double()
         n = tau.shape[0]
+        w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
+        self.noise_scale_ = (w.mean() / w) if bool((w > 0).all()) else torch.ones(n, dtype=torch.float64)
         self.loc_, self.tau_scale_ = robust_scale(tau)
         self.mu_ = y.mean(0)
         y = y - self.mu_
@@ -235,7 +240,7 @@ class FunctionSpaceGP(nn.Module):
         """What predictions need; called by fit and by load (one path)."""
         if not self.local:
             n = self.x_.shape[0]
-            k = _k(self.kernel_, self.x_, self.x_) + (self.log_noise_.exp() + 1e-8) * torch.eye(n, dtype=torch.float64)
+            k = _k(self.kernel_, self.x_, self.x_) + torch.diag(self.log_noise_.exp() * self.noise_scale_ + 1e-8)
             self.chol_ = torch.linalg.cholesky(k)
             self.alpha_ = torch.cholesky_solve(self.y_, self.chol_)
 
@@ -248,7 +253,7 @@ class FunctionSpaceGP(nn.Module):
         if self.local:
             nbrs = self._nearest(x, self.x_)
             xn = self.x_[nbrs]
-            knn = _k(self.kernel_, xn, xn) + (noise + 1e-8) * torch.eye(nbrs.shape[1], dtype=torch.float64)
+            knn = _k(self.kernel_, xn, xn) + torch.diag_embed(noise * self.noise_scale_[nbrs] + 1e-8)
             ksn = _k(self.kernel_, x[:, None, :], xn)[:, 0, :]
             w = torch.cholesky_solve(ksn[..., None], torch.linalg.cholesky(knn))[..., 0]
             mean = torch.einsum("qm,qmd->qd", w, self.y_[nbrs])
@@ -288,6 +293,7 @@ class FunctionSpaceGP(nn.Module):
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Tensors and JSON-able settings that :meth:`from_state` rebuilds this from."""
         tensors = {"x": self.x_, "y": self.y_, "mu": self.mu_, "loc": self.loc_, "tau_scale": self.tau_scale_,
+                   "noise_scale": self.noise_scale_,
                    "log_noise": self.log_noise_, "basis": self.basis_, "residual": self.residual_,
                    "loo_var": self.loo_var_, "loo_error": self.loo_error_, "loo_index": self.loo_index_}
         tensors |= {f"kernel.{k}": v for k, v in self.kernel_.state_dict().items()}
@@ -304,6 +310,7 @@ class FunctionSpaceGP(nn.Module):
         self.kernel_name_, self.candidates_ = meta["kernel"], meta["candidates"]
         self.x_, self.y_, self.mu_ = tensors["x"], tensors["y"], tensors["mu"]
         self.loc_, self.tau_scale_, self.log_noise_ = tensors["loc"], tensors["tau_scale"], tensors["log_noise"]
+        self.noise_scale_ = tensors["noise_scale"]
         self.basis_, self.residual_ = tensors["basis"], tensors["residual"]
         self.loo_var_, self.loo_error_ = tensors["loo_var"], tensors["loo_error"]
         self.loo_index_ = tensors["loo_index"].long()

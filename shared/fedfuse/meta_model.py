@@ -8,6 +8,9 @@ fixed) with re-solving every model's alignment (continuous parameters fixed):
 ``ELBO = sum_i E_q log p(gamma_i | A_i, m, v) + E_q log p_PIC(W | tau) + H[q(W)]
          - KL(q(w_0) || N(0, alpha^2 I))``.
 
+:class:`ZooModel` holds that model and computes its ELBO; :mod:`fedfuse.fitter` runs the
+rounds; :class:`MetaModel` is the estimator (settings, fit, personalize, save and load).
+
 Where the zoo has a function space (probe inputs, or bare vectors), a GP over descriptors in that
 space (:mod:`fedfuse.function_space`, settings by leave-one-out over the zoo) predicts the new
 task's function, and the decoded network's readout is solved to compute it on the probe
@@ -16,42 +19,106 @@ task's function, and the decoded network's readout is solved to compute it on th
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
 import os
-import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from fedfuse.alignment import align_zoo, apply_perms, chain_align
+from fedfuse import architectures, fitter
+from fedfuse.architectures import Architecture
 from fedfuse.decoder import WeightDecoder
 from fedfuse.errors import FedfuseError, NotFittedError
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.io import load_tensors, save_tensors
-from fedfuse import architectures
-from fedfuse.parallel import ParallelMap, serial_map
-from fedfuse.pic import SparseLocalizedGP
+from fedfuse.parallel import ParallelMap
+from fedfuse.pic import FrozenPrior, SparseLocalizedGP
 from fedfuse.posterior import DecodedCodes, ReadoutGaussian, WeightPosterior
-from fedfuse.progress import progress_bar
-from fedfuse.readout import get_readout, readout_map, set_readout
+from fedfuse.readout import get_readout, readout_map
 from fedfuse.variational import DiagonalGaussian
-from fedfuse.zoo import ModelZoo, check_descriptor, robust_scale
+from fedfuse.zoo import ModelZoo, check_descriptor
 
-log = logging.getLogger(__name__)
-FORMAT = "fedfuse.meta_model/1"
+FORMAT = "fedfuse.meta_model/2"
+
+
+class ZooModel(nn.Module):
+    """The generative model of the zoo's (aligned) weights given the descriptors: the decoder
+    ``(m, v)``, one variational code per task under the PIC prior, the base component with its
+    learned prior scale ``alpha``, and the ELBO they define."""
+
+    def __init__(self, spec: Architecture, n: int, code_dim: int, base_dim: int, hidden: tuple[int, ...],
+                 prior: SparseLocalizedGP) -> None:
+        super().__init__()
+        self.spec = spec
+        self.prior = prior
+        self.codes = DiagonalGaussian(n, code_dim)
+        self.base = DiagonalGaussian(base_dim)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.decoder = WeightDecoder(base_dim + code_dim, spec.num_weights, hidden)
+
+    @torch.no_grad()
+    def start(self, aligned: Tensor, code_dim: int) -> None:
+        """Codes at the zoo's principal components, decoder at its mean and variance: early
+        steps then learn structure, not offsets."""
+        self.codes.loc.copy_(_pca_scores(aligned, code_dim))
+        self.decoder.init_output(aligned.mean(0), aligned.var(0, unbiased=False) + 1e-4)
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        return [*self.decoder.parameters(), *self.codes.parameters(), *self.base.parameters(), self.log_alpha]
+
+    def decode(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the weights at codes ``(..., e)`` and the base component's mean."""
+        return self.decoder(torch.cat([self.base.loc.expand(*codes.shape[:-1], -1), codes], -1))
+
+    @torch.no_grad()
+    def sample_decoded(self, samples: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Each model's decoded Gaussian under ``samples`` draws from ``q`` (the expectation in
+        the alignment cost): ``(n, S, d)`` means and variances."""
+        n = self.codes.loc.shape[0]
+        base = self.base.loc + self.base.scale * torch.randn(samples, 1, self.base.loc.shape[-1], generator=gen)
+        codes = self.codes.loc + self.codes.scale * torch.randn(samples, *self.codes.loc.shape, generator=gen)
+        mean, var = self.decoder(torch.cat([base.expand(samples, n, -1), codes], -1))
+        return mean.transpose(0, 1), var.transpose(0, 1)
+
+    def elbo(self, aligned: Tensor, batch: Tensor, prior: SparseLocalizedGP | FrozenPrior,
+             generator: torch.Generator | None = None, targets: tuple[Tensor, Tensor, Tensor] | None = None,
+             refine_weight: float = 1.0) -> Tensor:
+        """Single-sample reparameterized ELBO; a mini-batch's likelihood is scaled to ``n``.
+        ``prior`` is the PIC prior or its factorization frozen at the current hyperparameters.
+        With ``targets`` the function-space matching penalty is subtracted (training only)."""
+        n = aligned.shape[0]
+        codes = self.codes.loc[batch] + self.codes.scale[batch] * torch.randn(
+            len(batch), self.codes.loc.shape[-1], generator=generator)
+        base = self.base.loc + self.base.scale * torch.randn(self.base.loc.shape, generator=generator)
+        mean, var = self.decoder(torch.cat([base.expand(len(batch), -1), codes], 1))
+        loglik = Normal(mean, var.sqrt()).log_prob(aligned[batch]).sum() * (n / len(batch))
+        prior_term = prior.expected_log_prob(self.codes.mean, self.codes.variance).float()
+        kl_base = self.base.kl_to(Normal(torch.zeros(()), self.log_alpha.exp()))
+        elbo = loglik + prior_term + self.codes.entropy() - kl_base
+        if targets is None:
+            return elbo
+        probe, out, scale = targets
+        mismatch = ((self.spec.forward(mean, probe) - out[batch]) ** 2 / scale[batch]).mean(dim=(1, 2))
+        return elbo - refine_weight * self.spec.num_weights * mismatch.sum() * (n / len(batch))
+
+    @torch.no_grad()
+    def condition(self) -> None:
+        """Cache the prior's predictive at the fitted codes."""
+        self.prior.condition(self.codes.mean.detach())
 
 
 class MetaModel:
     """Fit on a :class:`ModelZoo`, then :meth:`personalize` a new task from its descriptor.
 
-    Settings are stored as given (scikit-learn contract); everything learned ends in ``_``.
-    ``pmap`` fans the per-model alignment out (serial by default; the server passes Ray's).
-    ``function_space=False`` keeps the paper's decoded initializer (the ablation); ``kernel``
-    picks the descriptor kernel of the function-space GP (``auto``: by leave-one-out);
-    ``likelihood`` says what the outputs are (``gaussian`` values or ``softmax`` logits).
+    Settings are stored as given and read back from the signature (scikit-learn's
+    ``get_params`` contract); everything learned ends in ``_``. ``pmap`` fans the per-model
+    alignment out (serial by default; the server passes Ray's). ``function_space=False`` keeps
+    the paper's decoded initializer (the ablation); ``kernel`` picks the descriptor kernel of the
+    function-space GP (``auto``: by leave-one-out); ``likelihood`` says what the outputs are
+    (``gaussian`` values or ``softmax`` logits).
     """
 
     def __init__(
@@ -80,8 +147,8 @@ class MetaModel:
         readout_ridge: float = 1e-3,
         likelihood: str = "gaussian",
         seed: int = 0,
-        pmap: ParallelMap | None = None,
         chunk_size: int = 64,
+        pmap: ParallelMap | None = None,
         progress: bool = False,
     ) -> None:
         self.code_dim = code_dim
@@ -107,112 +174,40 @@ class MetaModel:
         self.readout_ridge = readout_ridge
         self.likelihood = likelihood
         self.seed = seed
-        self.pmap = pmap
         self.chunk_size = chunk_size
+        self.pmap = pmap
         self.progress = progress
 
-    _SETTINGS = (
-        "code_dim", "base_dim", "hidden", "num_inducing", "block_size", "exact_gp", "align",
-        "max_rounds", "min_rounds", "steps_per_round", "gp_steps", "lr", "gp_lr", "batch_size",
-        "code_samples", "refine_weight", "refine_points", "tol", "function_space", "kernel", "readout_ridge",
-        "likelihood", "seed", "chunk_size",
-    )
+    _RUNTIME = ("pmap", "progress")  # how to run, not what to fit: not saved
 
     def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._SETTINGS}
+        names = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in names if k != "self" and k not in self._RUNTIME}
 
-    # -- fit ----------------------------------------------------------------------------------------
     def fit(self, zoo: ModelZoo, probe: Tensor | None = None) -> "MetaModel":
         """Fit on the zoo. ``probe`` ``(N, in)``: inputs the server generates itself (no client
         data). The zoo's functions there are what new tasks' functions are predicted from; on
         the first ``refine_points`` of them each decoded model is also matched to its original's
         outputs (the refinement of Sec. 3.4.2, weighted by ``refine_weight``). ``None``: the
         paper's weight-space model alone (bare vectors are their own function space)."""
-        zoo.validate()
-        start = time.perf_counter()
-        torch.manual_seed(self.seed)
-        pmap = self.pmap or serial_map
-        n, spec = len(zoo), zoo.spec
-        self.spec_, self.ids_ = spec, list(zoo.ids)
-        loc, scale = robust_scale(zoo.tau)
-        self.tau_loc_, self.tau_scale_ = loc.float(), scale.float()
-        tau = self._normalize(zoo.tau)
-        gamma = zoo.weights
+        return fitter.fit(self, zoo, probe)
 
-        self.perms_ = (
-            chain_align(spec, gamma, tau, pmap, self.chunk_size)
-            if self.align
-            else [torch.arange(h).repeat(n, 1) for h in spec.perm_sizes]
-        )
-        aligned = apply_perms(spec, gamma, self.perms_)
-        targets = None
-        if probe is not None and not spec.is_vector:
-            refine = probe[: self.refine_points].float()
-            with torch.no_grad():  # (n, N, out), permutation invariant; chunked for large zoos
-                out = torch.cat([spec.forward(g, refine) for g in gamma.split(1024)])
-            scale = out.var(dim=(1, 2), keepdim=True, unbiased=False).clamp_min(1e-6)
-            targets = (refine, out, scale)
+    def _build(self, spec: Architecture, ids: list[str], tau_loc: Tensor, tau_scale: Tensor,
+               tau: Tensor | None, probe: Tensor | None, prior: SparseLocalizedGP | None = None) -> None:
+        """The one construction path of fit and load: the learned state's containers, shaped
+        for this zoo (the prior from the descriptors for a fit, from a saved state for a load)."""
+        self.spec_, self.ids_ = spec, list(ids)
+        self.tau_loc_, self.tau_scale_ = tau_loc, tau_scale
+        self.probe_ = None if probe is None else probe.float()
+        if prior is None:
+            prior = SparseLocalizedGP.from_descriptors(self._normalize(tau), self.code_dim, self.num_inducing,
+                                                       self.block_size, exact=self.exact_gp, seed=self.seed)
+        self.module_ = ZooModel(spec, len(ids), self.code_dim, self.base_dim, self.hidden, prior)
+        self.function_: FunctionSpaceGP | None = None
+        self.annotations_: dict[str, Any] = {}
 
-        self.gp_ = SparseLocalizedGP(
-            tau, self.code_dim, self.num_inducing, self.block_size, exact=self.exact_gp,
-            seed=self.seed,
-        )
-        self.codes_ = DiagonalGaussian(n, self.code_dim)
-        with torch.no_grad():
-            self.codes_.loc.copy_(_pca_scores(aligned, self.code_dim))
-        self.base_ = DiagonalGaussian(self.base_dim)
-        self.log_alpha_ = nn.Parameter(torch.zeros(()))
-        self.decoder_ = WeightDecoder(self.base_dim + self.code_dim, spec.num_weights, self.hidden)
-        self.decoder_.init_output(aligned.mean(0), aligned.var(0, unbiased=False) + 1e-4)
-        params = [*self.decoder_.parameters(), *self.codes_.parameters(),
-                  *self.base_.parameters(), self.log_alpha_]
-        opt = torch.optim.Adam(params, lr=self.lr)
-        # the hyperparameters need far larger steps than the decoder: at ``lr`` they barely
-        # leave their initial lengthscale and the predictive mean shrinks to the zoo average
-        gp_opt = torch.optim.Adam(self.gp_.parameters(), lr=self.gp_lr)
-        gen = torch.Generator().manual_seed(self.seed)
-
-        self.history_: list[dict[str, float]] = []
-        prev = None
-        with progress_bar(self.progress, "fitting meta-model", total=self.max_rounds) as bar:
-            for rnd in range(self.max_rounds):
-                # coordinate ascent: the GP hyperparameters appear only in the prior term, so
-                # they move in a few steps of their own, and the codes see a frozen factorization
-                self.gp_.freeze()
-                for _ in range(self.steps_per_round):
-                    batch = torch.randperm(n, generator=gen)[: min(n, self.batch_size)]
-                    opt.zero_grad()
-                    loss = -self._elbo(aligned, batch, targets=targets, frozen=True)
-                    loss.backward()
-                    opt.step()
-                mean, var = self.codes_.mean.detach(), self.codes_.variance.detach()
-                for _ in range(self.gp_steps):
-                    gp_opt.zero_grad()
-                    (-self.gp_.expected_log_prob(mean, var)).backward()
-                    gp_opt.step()
-                with torch.no_grad():
-                    elbo = float(self._elbo(aligned, torch.arange(n), generator=gen))
-                changed = 0.0
-                if self.align:
-                    new = self._realign(gamma, pmap, gen)
-                    moved = torch.zeros(n, dtype=torch.bool)
-                    for old, p in zip(self.perms_, new):
-                        moved |= (old != p).any(1)
-                    changed = float(moved.float().mean())
-                    self.perms_ = new
-                    aligned = apply_perms(spec, gamma, new)
-                self.history_.append({"round": rnd, "elbo": elbo, "changed": changed})
-                bar.update(description=f"fitting meta-model (ELBO {elbo:.4g}, realigned {changed:.0%})")
-                rel = math.inf if prev is None else abs(elbo - prev) / max(abs(prev), 1.0)
-                prev = elbo
-                if rnd + 1 >= self.min_rounds and changed == 0.0 and rel < self.tol:
-                    break
-        self.n_rounds_ = len(self.history_)
-        self.gp_.condition(self.codes_.mean.detach())
-        self._fit_function_space(zoo, probe, gen)
-        self.fit_seconds_ = time.perf_counter() - start
-        log.info("fit %d models in %.1fs (%d rounds)", n, self.fit_seconds_, self.n_rounds_)
-        return self
+    def _normalize(self, tau: Tensor) -> Tensor:
+        return (tau - self.tau_loc_) / self.tau_scale_
 
     def _signatures(self, weights: Tensor) -> Tensor | None:
         """Each model's function on the probe ``(n, N * out)``, its weights if it is a bare
@@ -221,39 +216,6 @@ class MetaModel:
             return weights if self.spec_.is_vector else None
         with torch.no_grad():
             return torch.cat([self.spec_.forward(w, self.probe_).flatten(1) for w in weights.split(1024)])
-
-    def _fit_function_space(self, zoo: ModelZoo, probe: Tensor | None, gen: torch.Generator) -> None:
-        if self.likelihood not in ("gaussian", "softmax"):
-            raise FedfuseError(f"likelihood={self.likelihood!r}: use 'gaussian' (outputs are values) "
-                               "or 'softmax' (outputs are class logits)")
-        self.probe_ = None if probe is None else probe.float()
-        signatures = self._signatures(zoo.weights) if self.function_space else None
-        self.function_ = None if signatures is None else FunctionSpaceGP(
-            kernel=self.kernel, seed=self.seed).fit(zoo.tau, signatures)
-        self.readout_ridge_ = self.readout_ridge
-        if self.function_ is not None and self.probe_ is not None:
-            self._choose_readout_ridge(zoo, gen)
-
-    @torch.no_grad()
-    def _choose_readout_ridge(self, zoo: ModelZoo, gen: torch.Generator, models: int = 96) -> None:
-        """The readout's ridge, chosen on simulated devices: a held-out zoo model is the truth,
-        its leave-one-out prediction the target, solved on every other probe input and judged on
-        the rest against the held-out model's own outputs. No client data is involved."""
-        fn, n_out = self.function_, self.spec_.num_outputs
-        pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=gen)[:models]]
-        mean, _ = fn.loo_predictions(pick)
-        truth = self._signatures(zoo.weights[pick]).double().reshape(len(pick), -1, n_out)
-        spread = (truth - truth.mean(1, keepdim=True)).norm(dim=(1, 2))
-        base = self.reconstruct()[pick]
-        fit_half, test_half = torch.arange(0, len(self.probe_), 2), torch.arange(1, len(self.probe_), 2)
-        target = mean.reshape(len(pick), -1, n_out)[:, fit_half]
-        errors = {}
-        for ridge in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
-            a, b = readout_map(self.spec_, base, self.probe_[fit_half], ridge)
-            tuned = set_readout(self.spec_, base, a @ target + b @ get_readout(self.spec_, base).double())
-            out = self.spec_.forward(tuned, self.probe_[test_half]).double()
-            errors[ridge] = float(((out - truth[:, test_half]).norm(dim=(1, 2)) / spread).mean())
-        self.readout_ridge_ = min(errors, key=errors.get)
 
     def _readout_prior(self, base: Tensor, mean: Tensor, scale: Tensor) -> tuple[Tensor, ReadoutGaussian]:
         """Weights with the readout solved to compute the predicted functions ``mean`` on the
@@ -277,46 +239,9 @@ class MetaModel:
         return weights, ReadoutGaussian(readout.reshape(q, p).float(), factor.reshape(q, p, -1).float(),
                                         diag.reshape(q, p).float())
 
-    def _normalize(self, tau: Tensor) -> Tensor:
-        return (tau - self.tau_loc_) / self.tau_scale_
-
-    def _elbo(self, aligned: Tensor, batch: Tensor, generator: torch.Generator | None = None,
-              targets: tuple[Tensor, Tensor, Tensor] | None = None, frozen: bool = False) -> Tensor:
-        """Single-sample reparameterized ELBO; the likelihood of a mini-batch is scaled to ``n``.
-        With ``targets`` the function-space matching penalty is subtracted (training only)."""
-        n = aligned.shape[0]
-        codes = self.codes_.loc[batch] + self.codes_.scale[batch] * torch.randn(
-            len(batch), self.code_dim, generator=generator
-        )
-        base = self.base_.loc + self.base_.scale * torch.randn(self.base_dim, generator=generator)
-        mean, var = self.decoder_(torch.cat([base.expand(len(batch), -1), codes], 1))
-        loglik = Normal(mean, var.sqrt()).log_prob(aligned[batch]).sum() * (n / len(batch))
-        prior_fn = self.gp_.frozen_expected_log_prob if frozen else self.gp_.expected_log_prob
-        prior = prior_fn(self.codes_.mean, self.codes_.variance).float()
-        alpha = self.log_alpha_.exp()
-        kl_base = self.base_.kl_to(Normal(torch.zeros(()), alpha))
-        elbo = loglik + prior + self.codes_.entropy() - kl_base
-        if targets is None:
-            return elbo
-        probe, out, scale = targets
-        mismatch = ((self.spec_.forward(mean, probe) - out[batch]) ** 2 / scale[batch]).mean(dim=(1, 2))
-        penalty = self.refine_weight * self.spec_.num_weights * mismatch.sum() * (n / len(batch))
-        return elbo - penalty
-
-    @torch.no_grad()
-    def _realign(self, gamma: Tensor, pmap: ParallelMap, gen: torch.Generator) -> list[Tensor]:
-        """Re-solve all assignments against each model's own decoded Gaussian, averaged over
-        ``code_samples`` draws from ``q`` (the expectation in the cost)."""
-        n, s = gamma.shape[0], self.code_samples
-        base = self.base_.loc + self.base_.scale * torch.randn(s, 1, self.base_dim, generator=gen)
-        codes = self.codes_.loc + self.codes_.scale * torch.randn(s, n, self.code_dim, generator=gen)
-        mean, var = self.decoder_(torch.cat([base.expand(s, n, -1), codes], -1))
-        return align_zoo(self.spec_, gamma, mean.transpose(0, 1), var.transpose(0, 1),
-                         self.perms_, pmap, self.chunk_size)
-
     # -- use ----------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
-        if not hasattr(self, "decoder_"):
+        if not hasattr(self, "module_"):
             raise NotFittedError("this MetaModel is not fitted yet: call fit(zoo) or load(path) first")
 
     @property
@@ -331,17 +256,16 @@ class MetaModel:
         decoded ones (e.g. a device's own pre-trained model)."""
         self._check_fitted()
         t = check_descriptor(tau, self.tau_dim)
-        code_mean, code_var = self.gp_.predict(self._normalize(t))
-        q = t.shape[0]
-        decoded, _ = self.decoder_(torch.cat([self.base_.loc.expand(q, -1), code_mean], 1))
+        prior, q = self.module_.prior, t.shape[0]
+        code_mean, code_var = prior.predict(self._normalize(t))
+        decoded, _ = self.module_.decode(code_mean)
         if features is not None:
             self.spec_.check_flat(features)
             decoded = features.float().reshape(q, -1)
         if self.function_ is None:
-            prior = (self.gp_.kernel.outputscale + self.gp_.noise).float()
-            ratio = (code_var / prior).mean(-1).clamp(0, 1)
-            codes = DecodedCodes(self.decoder_, self.base_.loc.detach(), self.base_.scale.detach(),
-                                 code_mean, code_var)
+            ratio = (code_var / (prior.kernel.outputscale + prior.noise).float()).mean(-1).clamp(0, 1)
+            base = self.module_.base
+            codes = DecodedCodes(self.module_.decoder, base.loc.detach(), base.scale.detach(), code_mean, code_var)
             return WeightPosterior(self.spec_, decoded, code_loc=code_mean, code_variance=code_var,
                                    uncertainty=ratio, novelty=ratio, decoded=codes, seed=self.seed)
         pred = self.function_.predict(t)
@@ -360,8 +284,7 @@ class MetaModel:
         without the function-space readout (kept for comparison)."""
         self._check_fitted()
         t = check_descriptor(tau, self.tau_dim)
-        code, _ = self.gp_.predict(self._normalize(t))
-        return self.decoder_(torch.cat([self.base_.loc.expand(t.shape[0], -1), code], 1))[0]
+        return self.module_.decode(self.module_.prior.predict(self._normalize(t))[0])[0]
 
     @torch.no_grad()
     def reconstruct(self, own_readout: bool = False) -> Tensor:
@@ -369,27 +292,22 @@ class MetaModel:
         ``own_readout`` each readout is solved for that model's own function on the probe (how
         well the decoded features carry the uploaded models)."""
         self._check_fitted()
-        n = self.codes_.loc.shape[0]
-        mean, _ = self.decoder_(torch.cat([self.base_.loc.expand(n, -1), self.codes_.loc], 1))
+        mean, _ = self.module_.decode(self.module_.codes.loc)
         if own_readout and self.function_ is not None:
             own = (self.function_.y_ + self.function_.mu_).float()
-            mean, _ = self._readout_prior(mean, own, torch.zeros(n))
+            mean, _ = self._readout_prior(mean, own, torch.zeros(len(mean)))
         return mean
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file: every tensor plus a JSON header (settings, spec, ids, history)."""
         self._check_fitted()
-        tensors: dict[str, Tensor] = {"tau_loc": self.tau_loc_, "tau_scale": self.tau_scale_,
-                                      "log_alpha": self.log_alpha_.detach()}
-        for prefix, module in (("decoder", self.decoder_), ("gp", self.gp_),
-                               ("codes", self.codes_), ("base", self.base_)):
-            tensors |= {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
-        for li, p in enumerate(self.perms_):
-            tensors[f"perms.{li}"] = p.to(torch.int32)
+        tensors: dict[str, Tensor] = {"tau_loc": self.tau_loc_, "tau_scale": self.tau_scale_}
+        tensors |= {f"module.{k}": v for k, v in self.module_.state_dict().items()}
+        tensors |= {f"perms.{li}": p.to(torch.int32) for li, p in enumerate(self.perms_)}
         meta = {"format": FORMAT, "settings": self.get_params(), "spec": self.spec_.to_dict(),
                 "ids": self.ids_, "history": self.history_, "readout_ridge": self.readout_ridge_,
-                "annotations": getattr(self, "annotations_", {})}
+                "annotations": self.annotations_}
         if self.probe_ is not None:
             tensors["probe"] = self.probe_
         if self.function_ is not None:
@@ -405,26 +323,20 @@ class MetaModel:
         settings = meta["settings"]
         settings["hidden"] = tuple(settings["hidden"])
         self = cls(**settings, pmap=pmap)
-        self.spec_, self.ids_, self.history_ = architectures.from_dict(meta["spec"]), meta["ids"], meta["history"]
+        part = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}  # noqa: E731
+        module = part("module")
+        prior = SparseLocalizedGP.from_state({k[len("prior."):]: v for k, v in module.items() if k.startswith("prior.")},
+                                             self.exact_gp)
+        self._build(architectures.from_dict(meta["spec"]), meta["ids"], tensors["tau_loc"], tensors["tau_scale"],
+                    None, tensors.get("probe"), prior)
+        self.module_.load_state_dict(module)
+        self.module_.condition()
+        self.history_, self.n_rounds_ = meta["history"], len(meta["history"])
         self.annotations_ = meta.get("annotations", {})
-        self.n_rounds_ = len(self.history_)
-        self.tau_loc_, self.tau_scale_ = tensors["tau_loc"], tensors["tau_scale"]
-        self.log_alpha_ = nn.Parameter(tensors["log_alpha"])
-        part = lambda prefix: {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        n = len(self.ids_)
-        self.gp_ = SparseLocalizedGP.from_state(part("gp"), self.exact_gp)
-        self.codes_ = DiagonalGaussian(n, self.code_dim)
-        self.codes_.load_state_dict(part("codes"))
-        self.base_ = DiagonalGaussian(self.base_dim)
-        self.base_.load_state_dict(part("base"))
-        self.decoder_ = WeightDecoder(self.base_dim + self.code_dim, self.spec_.num_weights, self.hidden)
-        self.decoder_.load_state_dict(part("decoder"))
         self.perms_ = [tensors[f"perms.{li}"].long() for li in range(len(self.spec_.perm_sizes))]
-        self.gp_.condition(self.codes_.mean.detach())
-        self.probe_ = tensors.get("probe")
         self.readout_ridge_ = meta["readout_ridge"]
-        self.function_ = (FunctionSpaceGP.from_state(part("function"), meta["function"])
-                          if "function" in meta else None)
+        if "function" in meta:
+            self.function_ = FunctionSpaceGP.from_state(part("function"), meta["function"])
         return self
 
 

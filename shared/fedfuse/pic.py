@@ -61,6 +61,56 @@ class _Blocks:
     mask: Tensor  # (p, B) True where a slot holds a task
 
 
+@dataclass
+class _Factor:
+    """Everything the density and the predictive share, per code dimension ``e``."""
+
+    lpp: Tensor  # (e, m, m) Cholesky of K++
+    v: Tensor  # (e, m, n) Lpp^-1 K+n
+    vb: Tensor  # (e, p, B, m) V per block slot (U)
+    ld: Tensor  # (e, p, B, B) Cholesky of the block-diagonal correction D
+    a: Tensor  # (e, p, B, m) D^-1 U
+    lc: Tensor  # (e, m, m) Cholesky of C = I + U^T D^-1 U
+
+
+@dataclass
+class _Precision:
+    """The pieces of ``Sigma^-1 = D^-1 - A C^-1 A^T`` and ``log|Sigma|``."""
+
+    dinv: Tensor
+    cinv: Tensor
+    ac: Tensor  # Sigma^-1 U, per block
+    a: Tensor
+    vb: Tensor
+    logdet: Tensor  # (e,)
+    diag: Tensor  # diagonal of Sigma^-1, padded
+
+
+@dataclass
+class _Predictive:
+    """What a prediction needs once the training codes are known (see ``condition``)."""
+
+    lpp: Tensor
+    alpha: Tensor  # Sigma^-1 mu, padded
+    v_alpha: Tensor  # V Sigma^-1 mu
+    m_mat: Tensor  # V Sigma^-1 V^T
+    p_blocks: Tensor  # (V Sigma^-1)^T per block
+    s_rr: Tensor  # Sigma^-1 diagonal blocks
+    vb: Tensor
+
+
+@dataclass
+class FrozenPrior:
+    """The prior factored once at fixed hyperparameters: its expected log-density is cheap and
+    differentiates only through the codes (the steps between two hyperparameter updates)."""
+
+    gp: "SparseLocalizedGP"
+    precision: _Precision
+
+    def expected_log_prob(self, mean: Tensor, var: Tensor | None = None) -> Tensor:
+        return self.gp._density(self.precision, mean, var)
+
+
 def _pad_blocks(labels: Tensor, p: int) -> _Blocks:
     members = [torch.nonzero(labels == o).flatten() for o in range(p)]
     width = max(len(m) for m in members)
@@ -75,40 +125,16 @@ def _pad_blocks(labels: Tensor, p: int) -> _Blocks:
 class SparseLocalizedGP(nn.Module):
     """PIC prior and predictive for ``e`` code dimensions over descriptors ``tau`` ``(n, D)``.
 
-    ``exact=True`` uses the full GP (one block, every task its own representative, nothing
-    learned in ``tau+``): the reference the PIC form must reproduce with ``p = 1``.
+    Built from its structure (the training descriptors, the k-means ``centres`` and block
+    ``labels``, the initial representative tasks ``inducing`` ``(e, m, D)``); fit and load share
+    this one constructor, :meth:`from_descriptors` computes the structure for a fit.
+    ``exact=True``: the full GP (one block, every task its own representative, nothing learned in
+    ``tau+``), the reference the PIC form must reproduce with ``p = 1``.
     """
 
-    def __init__(
-        self,
-        tau: Tensor,
-        num_outputs: int,
-        num_inducing: int = 32,
-        block_size: int = 40,
-        num_blocks: int | None = None,
-        exact: bool = False,
-        seed: int = 0,
-        min_noise: float = 1e-4,
-    ) -> None:
+    def __init__(self, tau: Tensor, centres: Tensor, labels: Tensor, inducing: Tensor, exact: bool = False,
+                 min_noise: float = 1e-4) -> None:
         super().__init__()
-        tau = tau.double()
-        n = tau.shape[0]
-        if exact:
-            inducing = tau.clone()
-            centres, labels = tau.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long)
-        else:
-            centres, labels = kmeans(tau, num_blocks or max(1, round(n / block_size)), seed)
-            if num_blocks is None:
-                labels = cap_blocks(tau, labels, max(2, int(1.25 * block_size)))
-                centres = torch.stack([tau[labels == o].mean(0) for o in range(int(labels.max()) + 1)])
-            inducing = kmeans(tau, num_inducing, seed + 1)[0] if num_inducing < n else tau
-        self._setup(tau, centres, labels, inducing.expand(num_outputs, -1, -1), exact, min_noise)
-        with torch.no_grad():
-            self.kernel.base_kernel.lengthscale = torch.ones(num_outputs, 1, tau.shape[1])
-            self.kernel.outputscale = torch.ones(num_outputs)
-
-    def _setup(self, tau: Tensor, centres: Tensor, labels: Tensor, inducing: Tensor,
-               exact: bool, min_noise: float) -> None:
         num_outputs = inducing.shape[0]
         self.num_outputs, self.exact, self.min_noise = num_outputs, exact, min_noise
         batch = torch.Size([num_outputs])
@@ -116,6 +142,9 @@ class SparseLocalizedGP(nn.Module):
             gpytorch.kernels.RBFKernel(ard_num_dims=tau.shape[1], batch_shape=batch),
             batch_shape=batch,
         ).double()
+        with torch.no_grad():
+            self.kernel.base_kernel.lengthscale = torch.ones(num_outputs, 1, tau.shape[1])
+            self.kernel.outputscale = torch.ones(num_outputs)
         self.raw_noise = nn.Parameter(torch.full((num_outputs,), -4.0, dtype=torch.float64))
         self.register_buffer("tau", tau.double())
         self.register_buffer("centres", centres.double())
@@ -128,15 +157,30 @@ class SparseLocalizedGP(nn.Module):
             self.register_buffer("inducing", inducing)
         else:
             self.inducing = nn.Parameter(inducing)
-        self._cache: dict[str, Tensor] | None = None
-        self._frozen: dict[str, Tensor] = {}
+        self._predictive: _Predictive | None = None
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], exact: bool, min_noise: float = 1e-4) -> "SparseLocalizedGP":
+    def from_descriptors(cls, tau: Tensor, num_outputs: int, num_inducing: int = 32, block_size: int = 40,
+                         num_blocks: int | None = None, exact: bool = False, seed: int = 0) -> "SparseLocalizedGP":
+        """A prior for these training descriptors: k-means blocks (capped in size) and
+        representative tasks from k-means; or the exact GP's single block."""
+        tau = tau.double()
+        n = tau.shape[0]
+        if exact:
+            inducing = tau.clone()
+            centres, labels = tau.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long)
+        else:
+            centres, labels = kmeans(tau, num_blocks or max(1, round(n / block_size)), seed)
+            if num_blocks is None:
+                labels = cap_blocks(tau, labels, max(2, int(1.25 * block_size)))
+                centres = torch.stack([tau[labels == o].mean(0) for o in range(int(labels.max()) + 1)])
+            inducing = kmeans(tau, num_inducing, seed + 1)[0] if num_inducing < n else tau
+        return cls(tau, centres, labels, inducing.expand(num_outputs, -1, -1), exact)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], exact: bool) -> "SparseLocalizedGP":
         """Rebuild a saved prior exactly (no k-means rerun) from its ``state_dict``."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(state["tau"], state["centres"], state["labels"], state["inducing"], exact, min_noise)
+        self = cls(state["tau"], state["centres"], state["labels"], state["inducing"], exact)
         self.load_state_dict(state)
         return self
 
@@ -152,7 +196,7 @@ class SparseLocalizedGP(nn.Module):
     def _k(self, x1: Tensor, x2: Tensor) -> Tensor:
         return self.kernel.forward(x1, x2)
 
-    def _factor(self) -> dict[str, Tensor]:
+    def _factor(self) -> _Factor:
         """Everything the density and the predictive share, per code dimension."""
         e = self.num_outputs
         xp = self.inducing  # (e, m, D)
@@ -179,33 +223,32 @@ class SparseLocalizedGP(nn.Module):
         a = torch.cholesky_solve(vb, ld)  # D^-1 U, (e, p, B, m)
         c = eye_m + torch.einsum("epbm,epbk->emk", vb, a)
         lc = torch.linalg.cholesky(c)
-        return {"lpp": lpp, "v": v, "vb": vb, "ld": ld, "a": a, "lc": lc}
+        return _Factor(lpp, v, vb, ld, a, lc)
 
     def _pad(self, x: Tensor) -> Tensor:
         """``(n, e)`` per-task values into the padded block layout ``(e, p, B)``."""
         return (x.double().T[:, self.block_index]) * self.block_mask
 
-    def _precision(self, f: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _precision(self, f: _Factor) -> _Precision:
         """The pieces of ``Sigma^-1 = D^-1 - A C^-1 A^T`` (``A = D^-1 U``) and ``log|Sigma|``
         that the density, the frozen density and the predictive all use."""
-        a = f["a"]
-        e, p, width, m = a.shape
-        cinv = torch.cholesky_inverse(f["lc"])
-        dinv = torch.cholesky_inverse(f["ld"])
-        ac = (a.reshape(e, p * width, m) @ cinv).reshape(a.shape)  # Sigma^-1 U, per block
-        logdet = 2 * torch.log(torch.diagonal(f["ld"], dim1=-2, dim2=-1)).sum((1, 2))
-        logdet = logdet + 2 * torch.log(torch.diagonal(f["lc"], dim1=-2, dim2=-1)).sum(-1)
-        return {"dinv": dinv, "cinv": cinv, "ac": ac, "a": a, "vb": f["vb"], "logdet": logdet,
-                "diag": torch.diagonal(dinv, dim1=-2, dim2=-1) - (ac * a).sum(-1)}
+        e, p, width, m = f.a.shape
+        cinv = torch.cholesky_inverse(f.lc)
+        dinv = torch.cholesky_inverse(f.ld)
+        ac = (f.a.reshape(e, p * width, m) @ cinv).reshape(f.a.shape)  # Sigma^-1 U, per block
+        logdet = 2 * torch.log(torch.diagonal(f.ld, dim1=-2, dim2=-1)).sum((1, 2))
+        logdet = logdet + 2 * torch.log(torch.diagonal(f.lc, dim1=-2, dim2=-1)).sum(-1)
+        return _Precision(dinv, cinv, ac, f.a, f.vb, logdet,
+                          torch.diagonal(dinv, dim1=-2, dim2=-1) - (ac * f.a).sum(-1))
 
-    def _density(self, c: dict[str, Tensor], mean: Tensor, var: Tensor | None) -> Tensor:
+    def _density(self, c: _Precision, mean: Tensor, var: Tensor | None) -> Tensor:
         mu = self._pad(mean)
-        dmu = torch.einsum("epbc,epc->epb", c["dinv"], mu)
-        t = torch.einsum("epbm,epb->em", c["vb"], dmu)  # U^T D^-1 mu
-        quad = (mu * dmu).sum((1, 2)) - torch.einsum("em,emk,ek->e", t, c["cinv"], t)
-        trace = 0.0 if var is None else (c["diag"] * self._pad(var)).sum((1, 2))
+        dmu = torch.einsum("epbc,epc->epb", c.dinv, mu)
+        t = torch.einsum("epbm,epb->em", c.vb, dmu)  # U^T D^-1 mu
+        quad = (mu * dmu).sum((1, 2)) - torch.einsum("em,emk,ek->e", t, c.cinv, t)
+        trace = 0.0 if var is None else (c.diag * self._pad(var)).sum((1, 2))
         n = self.tau.shape[0]
-        return (-0.5 * (n * LOG_2PI + c["logdet"] + quad + trace)).sum()
+        return (-0.5 * (n * LOG_2PI + c.logdet + quad + trace)).sum()
 
     # -- prior density -----------------------------------------------------------------------------
     def expected_log_prob(self, mean: Tensor, var: Tensor | None = None) -> Tensor:
@@ -216,15 +259,10 @@ class SparseLocalizedGP(nn.Module):
         return self._density(self._precision(self._factor()), mean, var)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Factor the prior once for the current hyperparameters: until the next ``freeze``,
-        :meth:`frozen_expected_log_prob` costs ``O(n m + sum_o n_o^2)`` and differentiates only
-        through the codes (used for all the steps between two hyperparameter updates)."""
-        self._frozen = self._precision(self._factor())
-
-    def frozen_expected_log_prob(self, mean: Tensor, var: Tensor) -> Tensor:
-        """:meth:`expected_log_prob` at the hyperparameters of the last :meth:`freeze`."""
-        return self._density(self._frozen, mean, var)
+    def frozen(self) -> FrozenPrior:
+        """The prior factored once for the current hyperparameters: its expected log-density
+        then costs ``O(n m + sum_o n_o^2)`` and differentiates only through the codes."""
+        return FrozenPrior(self, self._precision(self._factor()))
 
     # -- predictive -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,23 +271,14 @@ class SparseLocalizedGP(nn.Module):
         Costs one factorization; each later prediction is ``O(m^2 + B m + B^2)``."""
         f = self._factor()
         c = self._precision(f)
-        m = c["cinv"].shape[-1]
-        dmu = torch.einsum("epbc,epc->epb", c["dinv"], self._pad(mean))
-        t = torch.einsum("epbm,epb->em", c["vb"], dmu)
-        alpha = (dmu - torch.einsum("epbm,em->epb", c["ac"], t)) * self.block_mask
-        self._cache = {
-            "lpp": f["lpp"],
-            "alpha": alpha,  # Sigma^-1 mu, padded
-            "v_alpha": torch.einsum("epbm,epb->em", c["vb"], alpha),  # V Sigma^-1 mu
-            "m_mat": torch.eye(m, dtype=torch.float64) - c["cinv"],  # V Sigma^-1 V^T
-            "p_blocks": c["ac"],  # (V Sigma^-1)^T per block
-            "s_rr": c["dinv"] - c["ac"] @ c["a"].transpose(-1, -2),  # Sigma^-1 diagonal blocks
-            "vb": c["vb"],
-        }
-
-    @property
-    def is_conditioned(self) -> bool:
-        return self._cache is not None
+        m = c.cinv.shape[-1]
+        dmu = torch.einsum("epbc,epc->epb", c.dinv, self._pad(mean))
+        t = torch.einsum("epbm,epb->em", c.vb, dmu)
+        alpha = (dmu - torch.einsum("epbm,em->epb", c.ac, t)) * self.block_mask
+        self._predictive = _Predictive(
+            lpp=f.lpp, alpha=alpha, v_alpha=torch.einsum("epbm,epb->em", c.vb, alpha),
+            m_mat=torch.eye(m, dtype=torch.float64) - c.cinv, p_blocks=c.ac,
+            s_rr=c.dinv - c.ac @ c.a.transpose(-1, -2), vb=c.vb)
 
     @torch.no_grad()
     def nearest_block(self, tau_star: Tensor) -> Tensor:
@@ -259,31 +288,28 @@ class SparseLocalizedGP(nn.Module):
     def predict(self, tau_star: Tensor) -> tuple[Tensor, Tensor]:
         """PIC predictive mean and variance ``(q, e)`` of the code of each new task ``(q, D)``:
         the representative tasks plus the block of the nearest k-means centre (Eq. 3-5)."""
-        if self._cache is None:
+        if self._predictive is None:
             raise RuntimeError("call condition() before predict()")
-        c = self._cache
+        c = self._predictive
         x = tau_star.double()
         e = self.num_outputs
         r = self.nearest_block(x)
         idx, mask = self.block_index[r], self.block_mask[r]  # (q, B)
         k_sp = self._k(x.expand(e, -1, -1), self.inducing)  # (e, q, m)
-        v_s = torch.linalg.solve_triangular(c["lpp"], k_sp.transpose(-1, -2), upper=False)
+        v_s = torch.linalg.solve_triangular(c.lpp, k_sp.transpose(-1, -2), upper=False)
         v_s = v_s.transpose(-1, -2)  # (e, q, m)
         xr = self.tau[idx]  # (q, B, D)
         k_sr = self._k(x[:, None, None, :].expand(-1, e, -1, -1), xr[:, None].expand(-1, e, -1, -1))
         k_sr = k_sr[:, :, 0].transpose(0, 1)  # (e, q, B)
-        vb_r = c["vb"][:, r]  # (e, q, B, m)
+        vb_r = c.vb[:, r]  # (e, q, B, m)
         delta = (k_sr - torch.einsum("eqm,eqbm->eqb", v_s, vb_r)) * mask
-        alpha_r = c["alpha"][:, r]
-        mean = (v_s * c["v_alpha"][:, None, :]).sum(-1) + (delta * alpha_r).sum(-1)
+        alpha_r = c.alpha[:, r]
+        mean = (v_s * c.v_alpha[:, None, :]).sum(-1) + (delta * alpha_r).sum(-1)
         kss = self.kernel.outputscale[:, None].expand(-1, x.shape[0])
         explained = (
-            torch.einsum("eqm,emk,eqk->eq", v_s, c["m_mat"], v_s)
-            + 2 * torch.einsum("eqm,eqbm,eqb->eq", v_s, c["p_blocks"][:, r], delta)
-            + torch.einsum("eqb,eqbc,eqc->eq", delta, c["s_rr"][:, r], delta)
+            torch.einsum("eqm,emk,eqk->eq", v_s, c.m_mat, v_s)
+            + 2 * torch.einsum("eqm,eqbm,eqb->eq", v_s, c.p_blocks[:, r], delta)
+            + torch.einsum("eqb,eqbc,eqc->eq", delta, c.s_rr[:, r], delta)
         )
         var = (kss - explained).clamp_min(0) + self.noise[:, None]
         return mean.T.float(), var.T.float()
-
-    def invalidate(self) -> None:
-        self._cache = None

@@ -161,5 +161,5 @@ def test_gp_hyperparameters_are_fitted_not_left_at_their_init(small_sine_zoo):
     _, zoo = small_sine_zoo
     slow = MetaModel(**FAST, gp_lr=FAST_LR).fit(zoo, probe=PROBE)
     fast = MetaModel(**FAST).fit(zoo, probe=PROBE)
-    moved = lambda m: (m.gp_.kernel.base_kernel.lengthscale - 1).abs().max()  # noqa: E731
+    moved = lambda m: (m.module_.prior.kernel.base_kernel.lengthscale - 1).abs().max()  # noqa: E731
     assert moved(slow) < 0.1 < moved(fast)

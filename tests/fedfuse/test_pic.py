@@ -10,7 +10,7 @@ def _data(n=24, dim=2, e=3):
 
 
 def _pic_with_all_tasks(tau, e):
-    pic = SparseLocalizedGP(tau, e, num_inducing=len(tau), num_blocks=1)
+    pic = SparseLocalizedGP.from_descriptors(tau, e, num_inducing=len(tau), num_blocks=1)
     with torch.no_grad():
         pic.inducing.copy_(tau.double().expand(e, -1, -1))
     return pic
@@ -19,7 +19,7 @@ def _pic_with_all_tasks(tau, e):
 def test_pic_with_one_block_and_all_tasks_equals_the_exact_gp():
     tau, mu, var = _data()
     e = mu.shape[1]
-    exact = SparseLocalizedGP(tau, e, exact=True)
+    exact = SparseLocalizedGP.from_descriptors(tau, e, exact=True)
     pic = _pic_with_all_tasks(tau, e)
     # reference computed densely with torch.distributions, independent of the Woodbury code
     x = tau.double().expand(e, -1, -1)
@@ -47,7 +47,7 @@ def test_pic_with_one_block_and_all_tasks_equals_the_exact_gp():
 def test_pic_blocks_match_the_dense_pic_covariance_and_predictive():
     tau, mu, var = _data(n=40)
     e = mu.shape[1]
-    pic = SparseLocalizedGP(tau, e, num_inducing=6, num_blocks=4, seed=2)
+    pic = SparseLocalizedGP.from_descriptors(tau, e, num_inducing=6, num_blocks=4, seed=2)
     assert pic.num_blocks == 4
     with torch.no_grad():
         pic.inducing.add_(0.1 * torch.randn_like(pic.inducing))  # distinct sets per dimension
@@ -85,7 +85,7 @@ def test_pic_blocks_match_the_dense_pic_covariance_and_predictive():
 
 def test_prior_has_gradients_for_kernel_and_representative_tasks():
     tau, mu, var = _data()
-    pic = SparseLocalizedGP(tau, 3, num_inducing=5, num_blocks=3)
+    pic = SparseLocalizedGP.from_descriptors(tau, 3, num_inducing=5, num_blocks=3)
     pic.expected_log_prob(mu, var).backward()
     assert pic.inducing.grad is not None and pic.inducing.grad.abs().sum() > 0
     assert pic.kernel.base_kernel.raw_lengthscale.grad.abs().sum() > 0
@@ -93,7 +93,7 @@ def test_prior_has_gradients_for_kernel_and_representative_tasks():
 
 def test_saved_state_rebuilds_the_same_prior():
     tau, mu, _ = _data()
-    pic = SparseLocalizedGP(tau, 3, num_inducing=5, num_blocks=3)
+    pic = SparseLocalizedGP.from_descriptors(tau, 3, num_inducing=5, num_blocks=3)
     again = SparseLocalizedGP.from_state(pic.state_dict(), exact=False)
     torch.testing.assert_close(again.expected_log_prob(mu), pic.expected_log_prob(mu))
 
@@ -108,16 +108,16 @@ def test_large_blocks_are_split_to_the_cap():
     sizes = torch.bincount(capped)
     assert sizes.max() <= 25 and sizes.sum() == 100
     assert set(capped[:10].tolist()) == {1}  # small blocks are kept whole
-    pic = SparseLocalizedGP(torch.rand(400, 2), 2, num_inducing=8, block_size=40)
+    pic = SparseLocalizedGP.from_descriptors(torch.rand(400, 2), 2, num_inducing=8, block_size=40)
     assert pic.block_index.shape[1] <= 50
 
 
 def test_frozen_prior_equals_the_full_one_and_differentiates_through_the_codes():
     tau, mu, var = _data(n=40)
-    pic = SparseLocalizedGP(tau, 3, num_inducing=6, num_blocks=4)
-    pic.freeze()
+    pic = SparseLocalizedGP.from_descriptors(tau, 3, num_inducing=6, num_blocks=4)
+    prior = pic.frozen()
     mu = mu.clone().requires_grad_(True)
-    frozen = pic.frozen_expected_log_prob(mu, var)
+    frozen = prior.expected_log_prob(mu, var)
     torch.testing.assert_close(frozen, pic.expected_log_prob(mu, var).detach())
     frozen.backward()
     grad = mu.grad.clone()
