@@ -29,7 +29,7 @@ def main() -> None:
     tasks = sine.sample_tasks(args.models, 0)
     zoo = ModelZoo(sine.SPEC, sine.pretrain(tasks, 1), tasks.tau,
                    [str(i) for i in range(args.models)])
-    probe = torch.linspace(-5, 5, 64)[:, None]
+    probe = sine.probe_grid()
     results = {}
     ray_map = RayMap(force=True)
     t0 = time.perf_counter()

@@ -12,7 +12,6 @@ cost does not depend on what the weights learned). Writes perf.json, perf.md, fi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import statistics
@@ -29,7 +28,8 @@ from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import serial_map
 from fedfuse.tasks import sine
-from fedfuse.wire import upload_meta
+from fedfuse.records import to_records
+from fedfuse.wire import FLAT, upload
 from fedfuse.zoo import ModelZoo
 
 MNIST_SPEC = MLPSpec((784, 100, 10))
@@ -75,7 +75,7 @@ def peak_rss_mb() -> float:
 def fit_once(kind: str, n: int, out: Path) -> dict:
     torch.set_num_threads(2)
     zoo = synthetic_sine_zoo(base_sine_zoo(out), n) if kind == "sine" else mnist_sized_zoo(n)
-    probe = torch.linspace(-5, 5, 64)[:, None] if kind == "sine" else None
+    probe = sine.probe_grid() if kind == "sine" else None
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     model = MetaModel(seed=0).fit(zoo, probe=probe)
@@ -128,10 +128,10 @@ def alignment_rounds(sizes: list[int], out: Path) -> list[dict]:
 
 
 def upload_bytes(spec: MLPSpec, rounds: list[int]) -> dict:
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(spec.num_weights, dtype=np.float32), allow_pickle=False)
-    meta = json.dumps(upload_meta("client-000001", spec, [0.0] * 2, 200)).encode()
-    ours = len(buf.getvalue()) + len(meta)
+    """Bytes of one upload message's content as Flower serializes it, against synchronized
+    training that sends the weights both ways every round."""
+    content = to_records(upload("client-000001", spec, torch.zeros(spec.num_weights), [0.0] * 2, 200))
+    ours = len(content["arrays"][FLAT].data) + len(json.dumps(dict(content["config"])).encode())
     return {"d": spec.num_weights, "ours_bytes_once": ours,
             **{f"synchronized_{r}_rounds_bytes": r * spec.num_weights * 4 * 2 for r in rounds}}
 

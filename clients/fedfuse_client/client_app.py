@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
-from fedfuse.finetune import condition_readout, finetune
+from fedfuse.adaptation import condition_readout
+from fedfuse.training import train_networks
 from fedfuse.records import from_records, to_records
 from fedfuse.runconfig import RunConfig
 from fedfuse.tasks import LocalData, TaskFamily, get_family
@@ -55,7 +56,7 @@ def metrics_payload(family: TaskFamily, init: wire.Initializer, data: LocalData,
     adapted = adapt(family, init, data)
     cold = family.arch.init(1, torch.Generator().manual_seed(_seed(data)))
     r = family.recipe
-    cold_tuned = finetune(family.arch, cold, data.x[None], data.y[None], cfg.finetune_steps or r.finetune_steps,
+    cold_tuned = train_networks(family.arch, cold, data.x[None], data.y[None], cfg.finetune_steps or r.finetune_steps,
                           cfg.finetune_lr or r.finetune_lr, loss=family.loss)
     score = lambda w: float(family.evaluate(w, data)[0])  # noqa: E731
     return wire.metrics(len(data.y), score(init.weights[None]), score(adapted), score(cold), score(cold_tuned))

@@ -81,7 +81,7 @@ class Upload:
 @dataclass(frozen=True)
 class Initializer:
     """What a new device receives: its initializer and, where there is one, the Gaussian prior
-    of its readout (for :func:`fedfuse.finetune.condition_readout`)."""
+    of its readout (for :func:`fedfuse.adaptation.condition_readout`)."""
 
     weights: torch.Tensor  # (d,)
     readout: "ReadoutGaussian | None"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from fedfuse.finetune import loss_fn
+from fedfuse.training import loss_fn
 from fedfuse.architectures import MLPSpec
 from fedfuse.progress import progress_bar
 from fedfuse.zoo import robust_scale
@@ -83,7 +83,7 @@ class MAML:
             w = w - self.inner_lr * grad(self._task_loss)(w, x, y)
         return w
 
-    def finetune(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
+    def train_networks(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
         """Every new task's own adaptation from the base net: ``x`` ``(q, k, in)``."""
         if x.shape[-2] == 0:
             return self.init(x.shape[0])

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from fedfuse.alignment import apply_perms
 from fedfuse.datasets import load_mnist
-from fedfuse.finetune import condition_readout, finetune
+from fedfuse.adaptation import condition_readout
+from fedfuse.training import train_networks
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import ReadoutGaussian, WeightPosterior
 from fedfuse.progress import progress_bar
@@ -171,7 +172,7 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
                          for i, t in zip(idx, tasks)]
                 xs, ys = torch.stack([s[0] for s in shots]), torch.stack([s[1] for s in shots])
                 tuned = {m: (conditioned(bayes[m], idx, xs, ys) if m in bayes else
-                             finetune(mnist.SPEC, init[idx], xs, ys, cfg.finetune_steps, cfg.finetune_lr, loss="ce"))
+                             train_networks(mnist.SPEC, init[idx], xs, ys, cfg.finetune_steps, cfg.finetune_lr, loss="ce"))
                          for m, init in inits.items()}
                 tuned["MAML, own SGD"] = maml.finetune(xs, ys, cfg.maml_test_steps)  # as Finn et al. test it
                 for method, w in tuned.items():

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from fedfuse.alignment import apply_perms
-from fedfuse.finetune import condition_readout, finetune
+from fedfuse.adaptation import condition_readout
+from fedfuse.training import train_networks
 from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
@@ -78,7 +79,7 @@ def peak_rss_mb() -> float:
 
 
 def fit_meta(zoo: ModelZoo, cfg: SineConfig, seed: int, align: bool, progress: bool) -> MetaModel:
-    probe = torch.linspace(*sine.X_RANGE, cfg.probe_points)[:, None]
+    probe = sine.probe_grid(cfg.probe_points)
     model = MetaModel(align=align, seed=seed, progress=progress, **cfg.meta)
     return model.fit(zoo, probe=probe)
 
@@ -185,7 +186,7 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
     ours.personalize(test.tau[:1])
     timings["one_initializer_ms"] = 1000 * (time.perf_counter() - t0)
     post_no_align = no_align.personalize(test.tau)
-    probe = torch.linspace(*sine.X_RANGE, cfg.probe_points)[:, None]
+    probe = sine.probe_grid(cfg.probe_points)
     neighbours = baselines.AlignedNeighbours().fit(sine.SPEC, apply_perms(sine.SPEC, zoo.weights, ours.perms_),
                                                    zoo.tau, probe)
     n = len(test)
@@ -202,7 +203,7 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
         "k-NN aligned": (sine.SPEC, neighbours.predict(test.tau)),
         "zoo average": (sine.SPEC, baselines.zoo_average(zoo.weights, n)),
     } | {name: (MAML_SPECS[name], m.init(n)) for name, m in mamls.items()}
-    tuners = {m: (spec, partial(finetune, spec, init, steps=cfg.finetune_steps, lr=cfg.finetune_lr))
+    tuners = {m: (spec, partial(train_networks, spec, init, steps=cfg.finetune_steps, lr=cfg.finetune_lr))
               for m, (spec, init) in inits.items()}
     for method, p in (("ours", post), ("ours, 1-NN's features", post_nn), ("no-align", post_no_align)):
         tuners[method] = (sine.SPEC, bayes_tuner(p))

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fedfuse.finetune import finetune
+from fedfuse.training import train_networks
 from fedfuse.tasks import sine
 
 
@@ -33,8 +33,8 @@ def test_finetuning_reduces_the_loss_and_zero_shots_change_nothing():
     t = sine.sample_tasks(4, seed=4)
     init = sine.SPEC.init(4, torch.Generator().manual_seed(0))
     x = sine.sample_x(4, 20, seed=5)
-    tuned = finetune(sine.SPEC, init, x, t(x), steps=100, lr=1e-2)
+    tuned = train_networks(sine.SPEC, init, x, t(x), steps=100, lr=1e-2)
     before = ((sine.SPEC.forward(init, x) - t(x)) ** 2).mean()
     after = ((sine.SPEC.forward(tuned, x) - t(x)) ** 2).mean()
     assert after < 0.5 * before
-    assert torch.equal(finetune(sine.SPEC, init, x[:, :0], t(x)[:, :0]), init)
+    assert torch.equal(train_networks(sine.SPEC, init, x[:, :0], t(x)[:, :0]), init)

@@ -7,8 +7,13 @@ from fedfuse_server.ray_map import RayMap
 
 
 def test_small_batches_stay_in_process():
-    calls = RayMap()(lambda x: x * 2, list(range(31)))
-    assert calls == [2 * x for x in range(31)]  # below the threshold: no Ray started
+    import ray
+
+    assert not ray.is_initialized()
+    pmap = RayMap()
+    calls = pmap(lambda x: x * 2, list(range(31)))
+    assert calls == [2 * x for x in range(31)]
+    assert not ray.is_initialized() and pmap._task_cpus is None  # below the threshold: no Ray started
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 import torch
 
-from fedfuse.finetune import loss_fn
+from fedfuse.training import loss_fn
 from fedfuse.architectures import MLPSpec, VectorSpec
 from fedfuse.tasks import sine
 from fedfuse_sim import baselines

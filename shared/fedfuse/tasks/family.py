@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedfuse.architectures import Architecture
 from fedfuse.errors import DescriptorError, FedfuseError
-from fedfuse.finetune import finetune
+from fedfuse.training import train_networks
 from fedfuse.io import load_tensors, save_tensors
 
 DATA_FORMAT = "fedfuse.client_data/2"
@@ -145,7 +145,7 @@ class TaskFamily(ABC):
         """What a zoo device does: its own random init, trained on its own examples."""
         init = self.arch.init(1, torch.Generator().manual_seed(seed))
         r = self.recipe
-        return finetune(self.arch, init, data.x[None], data.y[None], steps or r.train_steps, r.train_lr,
+        return train_networks(self.arch, init, data.x[None], data.y[None], steps or r.train_steps, r.train_lr,
                         loss=self.loss, batch_size=r.batch_size, seed=seed)[0]
 
     def meta_model_settings(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fedfuse.architectures import MLPSpec, ModuleSpec
 from fedfuse.datasets import kway_accuracy, load_mnist
-from fedfuse.finetune import finetune
+from fedfuse.training import train_networks
 from fedfuse.tasks.family import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
 
 SPEC = MLPSpec((784, 100, 10))
@@ -83,7 +83,7 @@ def pretrain_on(pools: list[tuple[Tensor, Tensor]], seed: int, steps: int = 300,
     init = SPEC.init(len(pools), torch.Generator().manual_seed(seed))
     x = torch.stack([p[0] for p in pools])
     y = torch.stack([p[1] for p in pools])
-    return finetune(SPEC, init, x, y, steps=steps, lr=1e-3, loss="ce", batch_size=batch_size,
+    return train_networks(SPEC, init, x, y, steps=steps, lr=1e-3, loss="ce", batch_size=batch_size,
                     seed=seed, progress=progress)
 
 

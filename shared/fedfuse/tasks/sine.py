@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.architectures import MLPSpec
-from fedfuse.finetune import finetune
+from fedfuse.training import train_networks
 from fedfuse.tasks.family import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
 
 SPEC = MLPSpec((1, 100, 1))
@@ -67,7 +67,7 @@ def sample_x(n_tasks: int, shots: int, seed: int) -> Tensor:
 
 
 def eval_grid() -> Tensor:
-    return torch.linspace(*X_RANGE, EVAL_POINTS)[:, None]
+    return probe_grid(EVAL_POINTS)
 
 
 def nrmse(spec: MLPSpec, weights: Tensor, tasks: SineTasks) -> Tensor:
@@ -89,7 +89,7 @@ def pretrain(tasks: SineTasks, seed: int, points: int = 200, steps: int = 1000,
     gen = torch.Generator().manual_seed(seed)
     init = spec.init(len(tasks), gen)
     x = sample_x(len(tasks), points, seed + 1)
-    return finetune(spec, init, x, tasks(x), steps=steps, lr=1e-2)
+    return train_networks(spec, init, x, tasks(x), steps=steps, lr=1e-2)
 
 
 TEST_SEED_OFFSET = 7919  # new devices draw their tasks from a stream disjoint from the zoo's

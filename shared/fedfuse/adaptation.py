@@ -1,4 +1,10 @@
-"""Local fine-tuning of a batch of networks on their own few shots (what a client runs)."""
+"""A device adapting its personalized initializer to its own few shots, under the posterior.
+
+The readout (the last linear map) moves along the directions the zoo's functions vary in and
+only as far as the prior allows; the hidden layers stay as the server sent them. Each device
+picks how strongly its shots pull by cross-validation on its own shots, and keeps its
+initializer unless an update predicts held-out shots better.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +13,7 @@ from torch import Tensor
 
 from fedfuse.architectures import Architecture
 from fedfuse.posterior import ReadoutGaussian
-from fedfuse.progress import progress_bar
 from fedfuse.readout import design, set_readout
-
-
-def loss_fn(spec: Architecture, flat: Tensor, x: Tensor, y: Tensor, kind: str) -> Tensor:
-    """Per-network loss ``(q,)``: mean squared error or cross-entropy (``y`` class indices)."""
-    out = spec.forward(flat, x)
-    if kind == "mse":
-        return ((out - y) ** 2).mean(dim=(-1, -2))
-    if kind == "ce":
-        return torch.nn.functional.cross_entropy(
-            out.transpose(-1, -2), y, reduction="none"
-        ).mean(-1)
-    raise ValueError(f"unknown loss {kind!r}; use 'mse' or 'ce'")
-
-
-def finetune(
-    spec: Architecture,
-    init: Tensor,
-    x: Tensor,
-    y: Tensor,
-    steps: int = 200,
-    lr: float = 1e-2,
-    loss: str = "mse",
-    batch_size: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> Tensor:
-    """Adam on each network's own data; ``init`` ``(q, d)``, ``x`` ``(q, k, in)``.
-
-    The networks share one tensor but not their gradients: the summed loss separates per
-    network and Adam's statistics are per weight, so this equals ``q`` independent runs.
-    ``batch_size`` trains on a fresh random minibatch of each network's examples per step.
-    """
-    flat = init.detach().clone().requires_grad_(True)
-    if x.shape[-2] == 0 or steps <= 0:
-        return flat.detach()
-    opt = torch.optim.Adam([flat], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    k = x.shape[-2]
-    with progress_bar(progress, f"training {len(flat)} networks", total=steps) as bar:
-        for _ in range(steps):
-            xb, yb = x, y
-            if batch_size is not None and batch_size < k:
-                idx = torch.randperm(k, generator=gen)[:batch_size]
-                xb, yb = x[..., idx, :], y[..., idx] if loss == "ce" else y[..., idx, :]
-            opt.zero_grad()
-            loss_fn(spec, flat, xb, yb, loss).sum().backward()
-            opt.step()
-            bar.update()
-    return flat.detach()
-
 
 # how strongly a device's shots may pull against the prior; each device picks by cross-validation
 STRENGTHS = {"mse": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "ce": (0.3, 1.0, 3.0, 10.0)}
