@@ -13,8 +13,8 @@ from fedfuse.tasks import Score
 def personalized_table(results: dict[str, dict[str, Any]], score: Score) -> Table:
     better = "higher" if score.higher_is_better else "lower"
     table = Table(title=f"personalized devices: {score.name} on their own held-back examples ({better} is better)")
-    for col in ("device", "shots", "ours 0-shot", "ours adapted", "cold 0-shot", "cold fine-tuned", "uncertainty"):
-        table.add_column(col, justify="right")
+    for col in ("device", "shots", "ours 0-shot", "adapted", "cold 0-shot", "cold tuned", "uncert."):
+        table.add_column(col, justify="right", no_wrap=True)
     cell = lambda v: f"{v:.{score.digits}f}"  # noqa: E731
     for cid, m in sorted(results.items()):
         table.add_row(cid, str(int(m["shots"])), *(cell(m[k]) for k in (
