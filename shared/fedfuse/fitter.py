@@ -32,12 +32,17 @@ log = logging.getLogger(__name__)
 Targets = tuple[Tensor, Tensor, Tensor]  # refinement probe, the zoo's outputs there, their scale
 
 
-def fit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None) -> "MetaModel":
+def fit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "MetaModel | None" = None) -> "MetaModel":
     zoo.validate()
     if model.likelihood not in ("gaussian", "softmax"):
         raise FedfuseError(f"likelihood={model.likelihood!r}: use 'gaussian' (outputs are values) "
                            "or 'softmax' (outputs are class logits)")
     start = time.perf_counter()
+    if previous is not None:
+        unchanged, reason = incremental_plan(model, zoo, probe, previous)
+        if unchanged is not None:
+            return _refit(model, zoo, probe, previous, unchanged, start)
+        log.info("full refit: %s", reason)
     torch.manual_seed(model.seed)
     pmap = model.pmap or serial_map
     n, spec = len(zoo), zoo.spec
@@ -50,8 +55,9 @@ def fit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None) -> "MetaModel":
     model.module_.start(aligned, model.code_dim)
     targets = _refinement_targets(model, gamma, probe)
     gen = torch.Generator().manual_seed(model.seed)
-    model.history_ = _rounds(model, gamma, aligned, targets, pmap, gen)
+    model.history_ = _rounds(model, gamma, aligned, targets, pmap, gen, model.max_rounds, model.gp_steps)
     model.n_rounds_ = len(model.history_)
+    model.refit_ = {}
     model.module_.condition()
     _fit_function_space(model, zoo, probe, gen)
     model.fit_seconds_ = time.perf_counter() - start
@@ -71,7 +77,7 @@ def _refinement_targets(model: "MetaModel", gamma: Tensor, probe: Tensor | None)
 
 
 def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets | None, pmap: ParallelMap,
-            gen: torch.Generator) -> list[dict[str, float]]:
+            gen: torch.Generator, max_rounds: int, gp_steps: int, first: int = 0) -> list[dict[str, float]]:
     module: ZooModel = model.module_
     n = gamma.shape[0]
     opt = torch.optim.Adam(module.variational_parameters(), lr=model.lr)
@@ -80,8 +86,8 @@ def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets
     gp_opt = torch.optim.Adam(module.prior.parameters(), lr=model.gp_lr)
     history: list[dict[str, float]] = []
     prev = None
-    with progress_bar(model.progress, "fitting meta-model", total=model.max_rounds) as bar:
-        for rnd in range(model.max_rounds):
+    with progress_bar(model.progress, "fitting meta-model", total=max_rounds) as bar:
+        for rnd in range(max_rounds):
             frozen = module.prior.frozen()
             for _ in range(model.steps_per_round):
                 batch = torch.randperm(n, generator=gen)[: min(n, model.batch_size)]
@@ -90,7 +96,7 @@ def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets
                 loss.backward()
                 opt.step()
             mean, var = module.codes.mean.detach(), module.codes.variance.detach()
-            for _ in range(model.gp_steps):
+            for _ in range(gp_steps):
                 gp_opt.zero_grad()
                 (-module.prior.expected_log_prob(mean, var)).backward()
                 gp_opt.step()
@@ -106,13 +112,107 @@ def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets
                 changed = float(moved.float().mean())
                 model.perms_ = new
                 aligned = apply_perms(model.spec_, gamma, new)
-            history.append({"round": rnd, "elbo": elbo, "changed": changed})
+            history.append({"round": first + rnd, "elbo": elbo, "changed": changed})
             bar.update(description=f"fitting meta-model (ELBO {elbo:.4g}, realigned {changed:.0%})")
             rel = math.inf if prev is None else abs(elbo - prev) / max(abs(prev), 1.0)
             prev = elbo
-            if rnd + 1 >= model.min_rounds and changed == 0.0 and rel < model.tol:
+            if rnd + 1 >= min(model.min_rounds, max_rounds) and changed == 0.0 and rel < model.tol:
                 break
     return history
+
+
+def incremental_plan(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "MetaModel"
+                     ) -> tuple[Tensor | None, str]:
+    """Which of the zoo's models a refit can take over from ``previous`` unchanged (same id, same
+    function on the probe), or ``None`` and why a full refit is needed: other settings,
+    architecture or probe; no function space to compare models in; more than ``refit_drift`` of
+    the zoo new or replaced; or new models unlike the zoo (their functions further from what the
+    previous fit predicted for them than ``refit_drift_error`` times its own typical LOO error)."""
+    fn = previous.function_
+    same = {k: v for k, v in model.get_params().items() if k not in ("max_rounds", "seed")}
+    if same != {k: v for k, v in previous.get_params().items() if k not in ("max_rounds", "seed")}:
+        return None, "the settings changed"
+    if previous.spec_ != zoo.spec or previous.tau_dim != zoo.tau_dim or fn is None:
+        return None, "the architecture or descriptor changed, or there is no function space to compare in"
+    if (probe is None) != (previous.probe_ is None) or (probe is not None and not torch.equal(probe.float(), previous.probe_)):
+        return None, "the probe changed"
+    model.probe_, model.spec_ = previous.probe_, zoo.spec
+    sig = model._signatures(zoo.weights).double()
+    old = {cid: i for i, cid in enumerate(previous.ids_)}
+    prev_sig = fn.y_ + fn.mu_
+    tol = 1e-6 * float(prev_sig.abs().max().clamp_min(1e-12))  # the stored signatures went through float64 sums
+    unchanged = torch.tensor([cid in old and bool(((sig[j] - prev_sig[old[cid]]).abs() <= tol).all())
+                              for j, cid in enumerate(zoo.ids)])
+    fresh = ~unchanged
+    if float(fresh.float().mean()) > model.refit_drift:
+        return None, f"{int(fresh.sum())} of {len(zoo)} models are new or replaced (more than {model.refit_drift:.0%})"
+    if fresh.any():
+        pred = fn.predict(zoo.tau[fresh]).mean.double()
+        spread = (sig[fresh] - sig[fresh].mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12)
+        error = float(((pred - sig[fresh]).norm(dim=1) / spread).median())
+        if error > model.refit_drift_error * float(fn.loo_error_.median()):
+            return None, f"the new models' functions are unlike the zoo's (relative error {error:.3g})"
+    return unchanged, ""
+
+
+@torch.no_grad()
+def _carry_over(model: "MetaModel", previous: "MetaModel", zoo: ModelZoo, unchanged: Tensor,
+                pmap: ParallelMap) -> None:
+    """The previous fit's decoder, base, prior hyperparameters, and the codes and alignments of
+    unchanged models; new models start at their predicted code, aligned to its decoded mean."""
+    module, old_module = model.module_, previous.module_
+    module.decoder.load_state_dict(old_module.decoder.state_dict())
+    module.base.load_state_dict(old_module.base.state_dict())
+    module.log_alpha.copy_(old_module.log_alpha)
+    prior, old_prior = module.prior, old_module.prior
+    prior.kernel.load_state_dict(old_prior.kernel.state_dict())
+    prior.raw_noise.copy_(old_prior.raw_noise)
+    if prior.inducing.shape == old_prior.inducing.shape:
+        prior.inducing.copy_(old_prior.inducing)
+    old = {cid: i for i, cid in enumerate(previous.ids_)}
+    keep = torch.nonzero(unchanged).flatten()
+    src = torch.tensor([old[zoo.ids[j]] for j in keep.tolist()], dtype=torch.long)
+    module.codes.loc[keep] = old_module.codes.loc[src]
+    module.codes.raw_scale[keep] = old_module.codes.raw_scale[src]
+    fresh = torch.nonzero(~unchanged).flatten()
+    n = len(zoo)
+    model.perms_ = [torch.arange(h).repeat(n, 1) for h in model.spec_.perm_sizes]
+    for li, p in enumerate(previous.perms_):
+        model.perms_[li][keep] = p[src]
+    if len(fresh):
+        code, _ = old_prior.predict(model._normalize(zoo.tau[fresh]))
+        module.codes.loc[fresh] = code
+        mean, var = module.decode(code)
+        new = align_zoo(model.spec_, zoo.weights[fresh], mean[:, None], var[:, None],
+                        [p[fresh] for p in model.perms_], pmap, model.chunk_size)
+        for li, p in enumerate(new):
+            model.perms_[li][fresh] = p
+
+
+def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "MetaModel", unchanged: Tensor,
+           start: float) -> "MetaModel":
+    """An incremental refit: the previous fit carried over, ``refit_rounds`` joint rounds without
+    hyperparameter steps, the function-space GP reconditioned with its kernel kept."""
+    torch.manual_seed(model.seed)
+    pmap = model.pmap or serial_map
+    model._build(zoo.spec, list(zoo.ids), previous.tau_loc_, previous.tau_scale_, zoo.tau, probe)
+    _carry_over(model, previous, zoo, unchanged, pmap)
+    aligned = apply_perms(model.spec_, zoo.weights, model.perms_)
+    gen = torch.Generator().manual_seed(model.seed)
+    rounds = _rounds(model, zoo.weights, aligned, _refinement_targets(model, zoo.weights, probe), pmap, gen,
+                     model.refit_rounds, 0, first=len(previous.history_))
+    model.history_ = previous.history_ + rounds
+    model.n_rounds_ = len(rounds)
+    model.module_.condition()
+    model.function_ = FunctionSpaceGP(kernel=model.kernel, seed=model.seed).fit(
+        zoo.tau, model._signatures(zoo.weights), torch.tensor(zoo.n_examples, dtype=torch.float64),
+        previous=previous.function_)
+    model.readout_ridge_ = previous.readout_ridge_
+    model.refit_ = {"new_or_replaced": int((~unchanged).sum()), "carried_over": int(unchanged.sum())}
+    model.fit_seconds_ = time.perf_counter() - start
+    log.info("incremental refit of %d models (%d new or replaced) in %.1fs", len(zoo), int((~unchanged).sum()),
+             model.fit_seconds_)
+    return model
 
 
 def _fit_function_space(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, gen: torch.Generator) -> None:

@@ -142,31 +142,39 @@ class FunctionSpaceGP(nn.Module):
         return (loo.residual**2).mean()
 
     # -- fit --------------------------------------------------------------------------------------
-    def fit(self, tau: Tensor, signatures: Tensor, weights: Tensor | None = None) -> "FunctionSpaceGP":
+    def fit(self, tau: Tensor, signatures: Tensor, weights: Tensor | None = None,
+            previous: "FunctionSpaceGP | None" = None) -> "FunctionSpaceGP":
         """``weights`` ``(n,)``: how much each model is trusted, e.g. its number of training
-        examples; a model's noise variance scales with the zoo's mean weight over its own."""
+        examples; a model's noise variance scales with the zoo's mean weight over its own.
+        ``previous``: a fit on an earlier zoo whose kernel, noise and descriptor scaling are
+        kept (an incremental refit: only the calibration and the conditioning are redone)."""
         tau, y = tau.double(), signatures.double()
         n = tau.shape[0]
         w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
         self.noise_scale_ = (w.mean() / w) if bool((w > 0).all()) else torch.ones(n, dtype=torch.float64)
-        self.loc_, self.tau_scale_ = robust_scale(tau)
         self.mu_ = y.mean(0)
         y = y - self.mu_
         gen = torch.Generator().manual_seed(self.seed)
         anchors = (torch.randperm(n, generator=gen)[: self.anchors].sort().values
                    if n > self.exact_fit else None)
-        names = [self.kernel_choice] if self.kernel_choice != "auto" else [
-            k for k in KERNELS if k != "overlap" or is_set_valued(tau)]
-        self.candidates_: dict[str, float] = {}
-        best = None
-        for name in names:
-            self.kernel_name_ = name
-            kernel, log_noise, value = self._fit_kernel(name, self._inputs(tau), y, anchors)
-            self.candidates_[name] = value
-            if best is None or value < best[0]:
-                best = (value, name, kernel, log_noise)
-        _, self.kernel_name_, self.kernel_, log_noise = best
-        self.log_noise_ = log_noise.detach()
+        if previous is not None:
+            self.loc_, self.tau_scale_ = previous.loc_, previous.tau_scale_
+            self.kernel_name_, self.kernel_, self.log_noise_ = previous.kernel_name_, previous.kernel_, previous.log_noise_
+            self.candidates_ = dict(previous.candidates_)
+        else:
+            self.loc_, self.tau_scale_ = robust_scale(tau)
+            names = [self.kernel_choice] if self.kernel_choice != "auto" else [
+                k for k in KERNELS if k != "overlap" or is_set_valued(tau)]
+            self.candidates_: dict[str, float] = {}
+            best = None
+            for name in names:
+                self.kernel_name_ = name
+                kernel, log_noise, value = self._fit_kernel(name, self._inputs(tau), y, anchors)
+                self.candidates_[name] = value
+                if best is None or value < best[0]:
+                    best = (value, name, kernel, log_noise)
+            _, self.kernel_name_, self.kernel_, log_noise = best
+            self.log_noise_ = log_noise.detach()
         self.x_, self.y_ = self._inputs(tau), y
         self._calibrate(anchors)
         self._condition()

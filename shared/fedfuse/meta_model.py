@@ -118,7 +118,9 @@ class MetaModel:
     alignment out (serial by default; the server passes Ray's). ``function_space=False`` keeps
     the paper's decoded initializer (the ablation); ``kernel`` picks the descriptor kernel of the
     function-space GP (``auto``: by leave-one-out); ``likelihood`` says what the outputs are
-    (``gaussian`` values or ``softmax`` logits).
+    (``gaussian`` values or ``softmax`` logits). ``refit_*`` govern :meth:`fit` with a
+    ``previous`` model: how many joint rounds an incremental refit runs, and the drift (share of
+    new models, their error under the previous fit) beyond which it refits in full.
     """
 
     def __init__(
@@ -146,6 +148,9 @@ class MetaModel:
         kernel: str = "auto",
         readout_ridge: float = 1e-3,
         likelihood: str = "gaussian",
+        refit_rounds: int = 2,
+        refit_drift: float = 0.2,
+        refit_drift_error: float = 3.0,
         seed: int = 0,
         chunk_size: int = 64,
         pmap: ParallelMap | None = None,
@@ -173,6 +178,9 @@ class MetaModel:
         self.kernel = kernel
         self.readout_ridge = readout_ridge
         self.likelihood = likelihood
+        self.refit_rounds = refit_rounds
+        self.refit_drift = refit_drift
+        self.refit_drift_error = refit_drift_error
         self.seed = seed
         self.chunk_size = chunk_size
         self.pmap = pmap
@@ -184,13 +192,15 @@ class MetaModel:
         names = inspect.signature(type(self).__init__).parameters
         return {k: getattr(self, k) for k in names if k != "self" and k not in self._RUNTIME}
 
-    def fit(self, zoo: ModelZoo, probe: Tensor | None = None) -> "MetaModel":
+    def fit(self, zoo: ModelZoo, probe: Tensor | None = None, previous: "MetaModel | None" = None) -> "MetaModel":
         """Fit on the zoo. ``probe`` ``(N, in)``: inputs the server generates itself (no client
         data). The zoo's functions there are what new tasks' functions are predicted from; on
         the first ``refine_points`` of them each decoded model is also matched to its original's
         outputs (the refinement of Sec. 3.4.2, weighted by ``refine_weight``). ``None``: the
-        paper's weight-space model alone (bare vectors are their own function space)."""
-        return fitter.fit(self, zoo, probe)
+        paper's weight-space model alone (bare vectors are their own function space).
+        ``previous``: the fit of an earlier zoo; new and replaced models are fitted into it
+        (``refit_`` says how many) unless the zoo drifted too far (then a full fit)."""
+        return fitter.fit(self, zoo, probe, previous)
 
     def _build(self, spec: Architecture, ids: list[str], tau_loc: Tensor, tau_scale: Tensor,
                tau: Tensor | None, probe: Tensor | None, prior: SparseLocalizedGP | None = None) -> None:
