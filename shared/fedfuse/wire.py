@@ -223,7 +223,7 @@ def parse_initializer_request(body: bytes, tau_dim: int) -> tuple[str, list[floa
     """``(client id, descriptor, number of samples)`` from a posted body, checked as uploads are
     (the family's domain is the caller's to check)."""
     if len(body) > MAX_REQUEST_BYTES:
-        raise MessageRejected(f"the request body has {len(body)} bytes; at most {MAX_REQUEST_BYTES}")
+        raise MessageRejected(f"the request body exceeds {MAX_REQUEST_BYTES} bytes")
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
