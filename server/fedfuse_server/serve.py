@@ -243,6 +243,7 @@ def serving(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 80
     starts a local Ray sized to this machine and shuts Serve and Ray down at exit."""
     import ray
 
+    read_token(token_file)  # a bad token file is named before Ray starts
     cluster = os.environ.get("RAY_ADDRESS")
     if cluster:
         ray.init(address=cluster)
