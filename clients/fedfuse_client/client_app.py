@@ -8,7 +8,6 @@ Messages are routed by their Flower type (:mod:`fedfuse.wire` lists them): ``tra
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import Any
 
 import torch
@@ -17,18 +16,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
-from fedfuse.adaptation import condition_readout
-from fedfuse.training import train_networks
 from fedfuse.records import from_records, to_records
 from fedfuse.runconfig import RunConfig
 from fedfuse.tasks import LocalData, TaskFamily, get_family
 from fedfuse_client.data import local_data
+from fedfuse_client.local import adapt, cold_start, device_seed
+from fedfuse_client.warmstart import fetch_initializer
 
 log = logging.getLogger("fedfuse_client")
-
-
-def _seed(data: LocalData) -> int:
-    return zlib.crc32(data.client_id.encode())
 
 
 def upload_payload(family: TaskFamily, data: LocalData, cfg: RunConfig) -> wire.Payload:
@@ -36,28 +31,24 @@ def upload_payload(family: TaskFamily, data: LocalData, cfg: RunConfig) -> wire.
     new device has nothing to share and declines."""
     if data.role != "zoo":
         return wire.decline(data.client_id)
-    weights = family.train(data, _seed(data), cfg.train_steps or None)
+    weights = family.train(data, device_seed(data), cfg.train_steps or None)
     return wire.upload(data.client_id, family.arch, weights, data.tau, len(data.y))
 
 
-def adapt(family: TaskFamily, init: wire.Initializer, data: LocalData) -> torch.Tensor:
-    """The initializer adapted to the local shots: its readout conditioned on them under the
-    prior the server sent (the device's own cross-validation decides how far); unchanged with
-    fewer than two shots or without a prior."""
-    weights = init.weights[None]
-    if init.readout is None or len(data.y) < 2:
-        return weights
-    return condition_readout(family.arch, weights, init.readout, data.x[None], data.y[None], family.loss)
+def initializer_for(family: TaskFamily, data: LocalData, cfg: RunConfig, sent: wire.Payload) -> wire.Initializer:
+    """The initializer a new device adapts: the one the server sent, or with ``initializer-url``
+    set the one the initializer service returns for this device's descriptor (the server's is
+    then ignored; a service that gives none fails this device's reply, naming why)."""
+    if cfg.initializer_url:
+        return fetch_initializer(cfg.initializer_url, data.client_id, data.tau, family.arch).initializer
+    return wire.parse_initializer(sent, family.arch)
 
 
 def metrics_payload(family: TaskFamily, init: wire.Initializer, data: LocalData, cfg: RunConfig) -> wire.Payload:
     """Scores on the held-back examples: the initializer as received and adapted, next to a cold
     start trained on the same shots with the family's local recipe (the device's own baseline)."""
     adapted = adapt(family, init, data)
-    cold = family.arch.init(1, torch.Generator().manual_seed(_seed(data)))
-    r = family.recipe
-    cold_tuned = train_networks(family.arch, cold, data.x[None], data.y[None], cfg.finetune_steps or r.finetune_steps,
-                          cfg.finetune_lr or r.finetune_lr, loss=family.loss)
+    cold, cold_tuned = cold_start(family, data, cfg.finetune_steps, cfg.finetune_lr)
     score = lambda w: float(family.evaluate(w, data)[0])  # noqa: E731
     return wire.metrics(len(data.y), score(init.weights[None]), score(adapted), score(cold), score(cold_tuned))
 
@@ -99,7 +90,7 @@ def build_client_app(mods: list[Mod] | None = None, **overrides: Any) -> ClientA
     @app.train("personalize")
     def personalize(msg: Message, context: Context) -> Message:
         cfg, family, data = setup(context)
-        init = wire.parse_initializer(from_records(msg.content), family.arch)
+        init = initializer_for(family, data, cfg, from_records(msg.content))
         return reply(msg, metrics_payload(family, init, data, cfg))
 
     return app

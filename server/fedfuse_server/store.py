@@ -32,7 +32,7 @@ from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
 
 import torch
 
-from fedfuse.errors import FedfuseError, StoreError, ZooError
+from fedfuse.errors import FedfuseError, NotFittedError, StoreError, ZooError
 from fedfuse.io import fsync_dir, parse_tensors, peek_tensors, save_tensors
 from fedfuse import architectures
 from fedfuse.architectures import Architecture
@@ -141,6 +141,17 @@ class StoreProblem:
     def __str__(self) -> str:
         who = "" if self.client_id is None else f" (client {self.client_id!r})"
         return f"{self.file}{who}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class MetaModelEntry:
+    """The meta-model's index row: its file, the file's sha256 (the model's version), the
+    number of models it was fitted on and when it was stored (Unix seconds)."""
+
+    file: str  # relative to the store's root
+    sha256: str
+    n_models: int
+    fitted: float
 
 
 @dataclass(frozen=True)
@@ -539,15 +550,30 @@ class ModelStore:
         return path
 
     @_storage_errors
+    def meta_model_entry(self) -> MetaModelEntry | None:
+        """The current meta-model's index row (``None`` before the first fit): one cheap query,
+        so that a server can poll it for a new fit."""
+        with self._db(write=False) as db:
+            row = db.execute("SELECT file, sha256, n_models, fitted FROM meta_model WHERE id = 1").fetchone()
+        return None if row is None else MetaModelEntry(*row)
+
+    @_storage_errors
     def load_meta_model(self, pmap: ParallelMap | None = None) -> MetaModel:
+        return self.load_meta_model_entry(pmap)[0]
+
+    @_storage_errors
+    def load_meta_model_entry(self, pmap: ParallelMap | None = None) -> tuple[MetaModel, MetaModelEntry]:
+        """The current meta-model with the index row it was read under, in one snapshot: the
+        row's sha256 names exactly the model returned (its version), even while a fit lands."""
         with self._snapshot() as db:
-            row = db.execute("SELECT file, sha256 FROM meta_model WHERE id = 1").fetchone()
+            row = db.execute("SELECT file, sha256, n_models, fitted FROM meta_model WHERE id = 1").fetchone()
             if row is None:
-                raise FedfuseError(f"no fitted meta-model in the store at {self.root}: run the fit phase first")
-            path = self.root / row[0]
-            if _sha256(path) != row[1]:
+                raise NotFittedError(f"no fitted meta-model in the store at {self.root}: run the fit phase first")
+            entry = MetaModelEntry(*row)
+            path = self.root / entry.file
+            if _sha256(path) != entry.sha256:
                 raise FedfuseError(f"{path} does not match its index entry")
-            return MetaModel.load(path, pmap=pmap)
+            return MetaModel.load(path, pmap=pmap), entry
 
     # -- reports of rounds (who was accepted, rejected, failed, excluded) -----------------------
     @_storage_errors

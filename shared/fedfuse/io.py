@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save, save_file
 
 from fedfuse.errors import FedfuseError
 
@@ -27,11 +27,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            tmp,
-            metadata={_META_KEY: json.dumps(meta)},
-        )
+        prepared, header = _prepared(tensors, meta)
+        save_file(prepared, tmp, metadata=header)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -40,6 +37,17 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def dump_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """:func:`save_tensors`'s format as bytes, for a file that is sent rather than written;
+    :func:`parse_tensors` reads it back."""
+    prepared, header = _prepared(tensors, meta)
+    return save(prepared, metadata=header)
+
+
+def _prepared(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {_META_KEY: json.dumps(meta)}
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

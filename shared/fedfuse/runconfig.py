@@ -34,6 +34,7 @@ class RunConfig:
     fit_steps: int = 0  # Adam steps per round (0: the family's setting)
     parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
     screen: float = 10.0  # robust z-score above which a model is excluded as an outlier (0: off)
+    initializer_url: str = ""  # new devices fetch their initializer from this service (fedfuse serve) instead
 
     def __post_init__(self) -> None:
         bad = [p for p in self.phases if p not in PHASES]

@@ -19,6 +19,14 @@ request (server)    reply (device)        content of the reply / request
                                           ``cold-score-0shot``, ``cold-score-adapted``
 ==================  ====================  ==================================================
 
+A new device may also ask the initializer service (``fedfuse serve``) over HTTP instead:
+``POST /v1/initializers`` with :func:`initializer_request` (JSON ``client_id``, ``descriptor``,
+optionally ``samples``), answered by :func:`initializer_file`, a safetensors file with the same
+arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family, meta-model
+version, uncertainty, novelty and low-confidence flag; the response header
+``X-Content-SHA256`` carries the body's hash. :func:`parse_initializer_request` and
+:func:`parse_initializer_file` are their parsers.
+
 A message's content is a :class:`Payload` (one array, one config and one metric record, each
 possibly empty), plain values that :mod:`fedfuse.records` maps to Flower records. Parsers refuse
 anything else with :class:`~fedfuse.errors.MessageRejected` and a reason; nothing a device
@@ -38,7 +46,7 @@ import torch
 
 from fedfuse import architectures
 from fedfuse.architectures import Architecture
-from fedfuse.errors import ArchitectureError, MessageRejected
+from fedfuse.errors import ArchitectureError, FedfuseError, MessageRejected
 
 if TYPE_CHECKING:
     from fedfuse.posterior import ReadoutGaussian, WeightPosterior
@@ -51,6 +59,13 @@ READOUT_FACTOR, READOUT_DIAG = "readout-factor", "readout-diag"
 STATUS, REASON, DECLINED, ACCEPTED, REJECTED = "status", "reason", "declined", "accepted", "rejected"
 UPLOAD_KEYS = frozenset({"client-id", "arch", "tau", "n-examples"})
 METRIC_KEYS = ("shots", "score-0shot", "score-adapted", "cold-score-0shot", "cold-score-adapted")
+# the initializer service (HTTP)
+SAMPLES = "samples"
+REQUEST_KEYS = frozenset({"client_id", "descriptor", SAMPLES})
+INITIALIZER_FORMAT = "fedfuse.initializer/1"
+CHECKSUM_HEADER, VERSION_HEADER = "X-Content-SHA256", "X-Model-Version"
+MAX_SAMPLES = 64
+MAX_REQUEST_BYTES = 256 * 1024
 # limits: anything beyond them is refused before it is decoded
 MAX_CLIENT_ID = 128
 MAX_TAU = 4096
@@ -193,6 +208,99 @@ def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (unc, nov)):
         raise MessageRejected("uncertainty and novelty must be numbers")
     return Initializer(flat, readout, float(unc), float(nov))
+
+
+# -- initializer over HTTP (the initializer service) ---------------------------------------------
+def initializer_request(client_id: str, tau: list[float], samples: int = 0) -> dict[str, Any]:
+    """The JSON body a device posts to ``/v1/initializers``."""
+    body: dict[str, Any] = {"client_id": client_id, "descriptor": [float(t) for t in tau]}
+    if samples:
+        body[SAMPLES] = int(samples)
+    return body
+
+
+def parse_initializer_request(body: bytes, tau_dim: int) -> tuple[str, list[float], int]:
+    """``(client id, descriptor, number of samples)`` from a posted body, checked as uploads are
+    (the family's domain is the caller's to check)."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise MessageRejected(f"the request body exceeds {MAX_REQUEST_BYTES} bytes")
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MessageRejected(f"the request body is not JSON: {str(exc)[:80]}") from exc
+    if not isinstance(request, dict):
+        raise MessageRejected("the request body must be a JSON object with client_id and descriptor")
+    extra = set(request) - REQUEST_KEYS
+    if extra:
+        raise MessageRejected(f"unexpected keys {sorted(map(str, extra))[:5]}; a request carries only "
+                              f"{sorted(REQUEST_KEYS)}")
+    cid = parse_client_id({"client-id": request.get("client_id")})
+    try:
+        tau = parse_tau({"tau": request.get("descriptor")}, tau_dim)
+    except MessageRejected as exc:
+        raise MessageRejected(f"descriptor: {exc}") from exc
+    k = request.get(SAMPLES, 0)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_SAMPLES:
+        raise MessageRejected(f"samples must be an integer from 0 to {MAX_SAMPLES}, got {str(k)[:40]!r}")
+    return cid, tau, k
+
+
+@dataclass(frozen=True)
+class ServedInitializer:
+    """An initializer as the service sends it: the initializer, which meta-model made it, and
+    posterior samples if they were asked for."""
+
+    initializer: Initializer
+    version: str  # the sha256 of the meta-model's file in the server's store
+    family: str | None
+    low_confidence: bool
+    samples: torch.Tensor | None  # (k, d)
+
+
+def initializer_file(post: "WeightPosterior", j: int, *, version: str, family: str | None,
+                     samples: torch.Tensor | None = None) -> bytes:
+    """Task ``j`` of a posterior as the service's response body: :func:`initializer`'s arrays
+    (and ``samples`` ``(k, d)``) in a safetensors file whose header says what made them."""
+    from fedfuse.io import dump_tensors
+
+    payload = initializer(post, j)
+    tensors = {key: torch.from_numpy(arr) for key, arr in payload.arrays.items()}
+    if samples is not None:
+        tensors[SAMPLES] = samples.float()
+    meta = {"format": INITIALIZER_FORMAT, "architecture": post.spec.to_dict(), "family": family,
+            "version": version, **payload.config, "low-confidence": bool(post.low_confidence()[j])}
+    return dump_tensors(tensors, meta)
+
+
+def parse_initializer_file(data: bytes, spec: Architecture) -> ServedInitializer:
+    """The device side of :func:`initializer_file`: refused unless its architecture is the
+    device's own; every array checked as :func:`parse_initializer` checks them."""
+    from fedfuse.io import parse_tensors
+
+    try:
+        tensors, meta = parse_tensors(data, "the initializer service's response")
+    except FedfuseError as exc:
+        raise MessageRejected(str(exc)) from exc
+    if meta.get("format") != INITIALIZER_FORMAT:
+        raise MessageRejected(f"the response holds {str(meta.get('format'))[:40]!r}, not {INITIALIZER_FORMAT!r}")
+    served = _parse_arch(json.dumps(meta.get("architecture")))
+    if served != spec:
+        raise MessageRejected(f"the service's meta-model is for {served}; this device's architecture is {spec}")
+    odd = sorted(k for k, v in tensors.items() if v.dtype not in (torch.float16, torch.float32, torch.float64))
+    if odd:
+        raise MessageRejected(f"arrays {odd[:5]} are not float16/32/64")
+    arrays = {k: v.numpy() for k, v in tensors.items()}
+    samples = arrays.pop(SAMPLES, None)
+    if samples is not None:
+        samples = torch.from_numpy(decode_array(samples, (None, spec.num_weights), "samples").copy())
+        if len(samples) > MAX_SAMPLES or not torch.isfinite(samples).all():
+            raise MessageRejected(f"samples must be at most {MAX_SAMPLES} finite rows")
+    version, family, low = meta.get("version"), meta.get("family"), meta.get("low-confidence")
+    if not isinstance(version, str) or not (family is None or isinstance(family, str)) or not isinstance(low, bool):
+        raise MessageRejected("the response's header needs a version, a family (or null) and a low-confidence flag")
+    init = parse_initializer(Payload(arrays=arrays, config={k: meta.get(k) for k in ("uncertainty", "novelty")}),
+                             spec)
+    return ServedInitializer(init, version, family, low, samples)
 
 
 # -- metrics ------------------------------------------------------------------------------------

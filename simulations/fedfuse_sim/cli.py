@@ -313,6 +313,24 @@ def store_rebuild_index(store: Path = STORE) -> None:
     typer.echo(f"rebuilt the index of {store}: {n} entries" + (f"; the old index is {backup}" if backup.exists() else ""))
 
 
+@app.command("serve")
+def serve_initializers(
+    store: Path = typer.Option(..., help="the server's store folder (its meta-model is served; a new fit is picked up)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    replicas: int = typer.Option(1, min=1, help="Serve replicas (one CPU each)"),
+    token_file: Path | None = typer.Option(None, help="file holding the bearer token clients must send"),
+) -> None:
+    """Serve personalized initializers over HTTP (Ray Serve) until Ctrl-C: POST /v1/initializers,
+    GET /v1/model, GET /healthz. Joins the Ray cluster RAY_ADDRESS names, else starts a local Ray."""
+    from fedfuse_server.serve import serve_until_stopped
+
+    with _operator_errors():
+        serve_until_stopped(_existing(store), lambda url: typer.echo(f"serving initializers at {url} (Ctrl-C stops)"),
+                            host=host, port=port, replicas=replicas, token_file=token_file)
+    typer.echo("stopped")
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

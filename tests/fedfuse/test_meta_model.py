@@ -69,13 +69,14 @@ def test_function_space_beats_the_papers_decoder_and_the_nearest_model(fitted, s
 
 
 def test_fit_sees_only_the_zoo_and_the_probe(small_sine_zoo, monkeypatch):
-    """Settings are chosen on the zoo alone: no task generator or data set is touched by fit."""
+    """Settings are chosen on the zoo alone: no task generator or data set is touched by fit (its
+    only other input is an earlier fit of a zoo, for an incremental refit)."""
     import inspect
 
     import fedfuse.datasets
     from fedfuse.tasks import mnist
 
-    assert list(inspect.signature(MetaModel.fit).parameters) == ["self", "zoo", "probe"]
+    assert list(inspect.signature(MetaModel.fit).parameters) == ["self", "zoo", "probe", "previous"]
 
     def forbidden(*args, **kwargs):
         raise AssertionError("fit reached for task data")
@@ -196,3 +197,22 @@ def test_a_cnn_zoo_fits_and_personalizes():
     init = model.personalize([[1.0]]).mean
     accuracy = (spec.forward(init, x)[0].argmax(-1) == y).float().mean()
     assert accuracy > 0.7
+
+
+def test_an_incremental_refit_fits_new_models_into_the_previous_fit(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    settings = {**FAST, "max_rounds": 2}
+    old = zoo.subset(range(26))
+    before = MetaModel(**settings).fit(old, probe=PROBE)
+    grown = zoo  # four new devices joined
+    refit = MetaModel(**settings).fit(grown, probe=PROBE, previous=before)
+    assert refit.refit_ == {"new_or_replaced": 4, "carried_over": 26}
+    assert refit.ids_ == grown.ids and len(refit.history_) == len(before.history_) + refit.n_rounds_
+    assert refit.function_.kernel_name_ == before.function_.kernel_name_
+    full = MetaModel(**settings).fit(grown, probe=PROBE)
+    held_out = sine.sample_tasks(30, seed=97)
+    err = lambda m: sine.nrmse(sine.SPEC, m.personalize(held_out.tau).mean, held_out).mean()  # noqa: E731
+    assert err(refit) < 1.1 * err(full)
+    # too much changed: a full refit instead
+    half = MetaModel(**settings).fit(grown, probe=PROBE, previous=MetaModel(**settings).fit(zoo.subset(range(15)), probe=PROBE))
+    assert half.refit_ == {}

@@ -12,7 +12,7 @@ DEPLOY = ROOT / "deploy"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 IMAGE = f"fedfuse:{VERSION}"
-PINS = dict(re.match(r"([\w\[\]-]+)==(.+)", d).groups() for d in PYPROJECT["project"]["dependencies"])
+PINS = dict(re.match(r"([\w-]+)(?:\[[\w,]+\])?==(.+)", d).groups() for d in PYPROJECT["project"]["dependencies"])
 
 
 def _flag(args: list[str], name: str) -> str:
@@ -90,4 +90,39 @@ def test_kubernetes_images_ports_and_ray_cluster_agree():
 
 
 def test_ray_and_flower_pins_match_design():
-    assert PINS["ray"] == "2.55.1" and PINS["flwr[simulation]"] == "1.42.0"
+    assert PINS["ray"] == "2.55.1" and PINS["flwr"] == "1.42.0"
+
+
+def test_rayservice_serves_the_store_the_superlink_writes():
+    from fedfuse_server import serve
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _k8s("rayservice.yaml")}
+    claim = docs[("PersistentVolumeClaim", "fedfuse-store")]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # the SuperLink writes it, every replica reads it
+    service = docs[("RayService", "fedfuse-initializers")]["spec"]
+    cluster = service["rayClusterConfig"]
+    assert cluster["rayVersion"] == PINS["ray"]
+
+    config = yaml.safe_load(service["serveConfigV2"])
+    (application,) = config["applications"]
+    module, _, builder = application["import_path"].partition(":")
+    assert module == serve.__name__ and callable(getattr(serve, builder))
+    args = application["args"]
+    assert set(args) <= set(serve.APP_ARGS) and "store" in args
+
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    assert {c["image"] for pod in pods for c in pod["containers"]} == {IMAGE}
+    head = pods[0]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve"] == config["http_options"]["port"]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert volumes[mounts[args["store"]]]["persistentVolumeClaim"]["claimName"] == "fedfuse-store"
+            token_dir = str(Path(args["token_file"]).parent)
+            assert "secretName" in volumes[mounts[token_dir]]["secret"]
+
+    superlink = next(d for d in _k8s("superlink.yaml") if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in superlink["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in superlink["containers"][0]["volumeMounts"]}
+    assert volumes[mounts[args["store"]]]["persistentVolumeClaim"]["claimName"] == "fedfuse-store"

@@ -75,7 +75,8 @@ class DeviceConfig:
 @dataclass
 class LocalData:
     """A device's private data: its training examples (a zoo device) or its few shots (a new
-    device), and examples it holds back to judge models on. It never leaves the device."""
+    device), and examples it holds back to judge models on. It never leaves the device. Targets
+    are shaped as the model's outputs ``(k, out)``, or class indices ``(k,)`` for cross-entropy."""
 
     client_id: str
     role: str  # "zoo": trains a model and uploads it; "new": wants a personalized one

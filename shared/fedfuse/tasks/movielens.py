@@ -178,7 +178,8 @@ def public_side(seed: int, dim: int, reg: float = 10.0, iters: int = 15) -> Publ
 class MovieLensFamily(TaskFamily):
     """A user's recommendation model: its own embedding against the public item embeddings,
     fitted on its own ratings; the descriptor embeds its ratings of 300 context items. As a
-    function, an embedding predicts the user's ratings (less the public mean and item biases)."""
+    function, an embedding predicts the user's ratings (less the public mean and item biases):
+    a device's targets are those residual ratings ``(k, 1)``."""
 
     name = "movielens"
     dim = 20
@@ -195,7 +196,7 @@ class MovieLensFamily(TaskFamily):
         r = side.ratings
         m = mask & (r.user == user)
         i = r.item[m]
-        return side.items.features(i), r.rating[m] - side.items.mu - side.items.bias[i]
+        return side.items.features(i), (r.rating[m] - side.items.mu - side.items.bias[i])[:, None]
 
     def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
         side = public_side(cfg.seed, self.dim, self.reg)
@@ -204,7 +205,7 @@ class MovieLensFamily(TaskFamily):
             user = int(sp.seen[index % len(sp.seen)])
             x, y = self._examples(side, user, sp.public_cf())
             return LocalData(f"user-{user:04d}", "zoo", side.tau[user].tolist(), x, y,
-                             torch.zeros(0, self.dim), torch.zeros(0))
+                             torch.zeros(0, self.dim), torch.zeros(0, 1))
         user = int(sp.unseen[(index - cfg.num_clients) % len(sp.unseen)])
         x, y = self._examples(side, user, ~sp.is_seen & ~sp.is_context & ~sp.is_test)
         x_eval, y_eval = self._examples(side, user, sp.is_test)
@@ -214,13 +215,13 @@ class MovieLensFamily(TaskFamily):
     def train(self, data: LocalData, seed: int, steps: int | None = None) -> Tensor:
         """The device's own ridge fit against the public item features (the ALS user step)."""
         rows = torch.zeros(len(data.y), dtype=torch.long)
-        return ridge(rows, data.x, data.y, 1, self.reg)[0]
+        return ridge(rows, data.x, data.y[:, 0], 1, self.reg)[0]
 
     def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
         """RMSE of the predicted ratings on the held-back ratings."""
         with torch.no_grad():
-            pred = self.arch.forward(weights, data.x_eval)[..., 0]
-        return ((pred - data.y_eval) ** 2).mean(-1).sqrt()
+            pred = self.arch.forward(weights, data.x_eval)
+        return ((pred - data.y_eval) ** 2).mean((-1, -2)).sqrt()
 
     def probe(self, seed: int = 0) -> Tensor:
         """Every item's public features: a user model's function is its ratings of them."""
