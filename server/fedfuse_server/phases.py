@@ -225,11 +225,12 @@ def fit(store: ModelStore, cfg: RunConfig, pmap: ParallelMap | None = None, prog
     if report.excluded:
         log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.excluded)
     log.info("fit: %d models of %s", len(kept), zoo.spec)
-    model = meta_model(cfg, family, pmap or make_pmap(cfg), progress).fit(kept, probe=probe)
+    previous = store.load_meta_model() if cfg.fit_mode == "incremental" and store.meta_model_entry() else None
+    model = meta_model(cfg, family, pmap or make_pmap(cfg), progress).fit(kept, probe=probe, previous=previous)
     model.annotations_ = {"family": cfg.family, "descriptor": list(family.descriptor.names)}
     store.save_meta_model(model)
     store.record_round("fit", {**report.as_dict(), "models": len(kept), "seconds": model.fit_seconds_,
-                               "rounds": model.n_rounds_})
+                               "rounds": model.n_rounds_, "incremental": model.refit_})
     log.info("fit: done in %.1fs, %d rounds", model.fit_seconds_, model.n_rounds_)
     return model
 

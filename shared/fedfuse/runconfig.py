@@ -32,6 +32,7 @@ class RunConfig:
     round_timeout: float = 600.0  # seconds to wait for replies in one exchange
     fit_rounds: int = 0  # meta-model rounds (0: the family's setting)
     fit_steps: int = 0  # Adam steps per round (0: the family's setting)
+    fit_mode: str = "full"  # "incremental": fit new and replaced uploads into the stored fit
     parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
     screen: float = 10.0  # robust z-score above which a model is excluded as an outlier (0: off)
     initializer_url: str = ""  # new devices fetch their initializer from this service (fedfuse serve) instead
@@ -40,6 +41,8 @@ class RunConfig:
         bad = [p for p in self.phases if p not in PHASES]
         if bad or not self.phases:
             raise FedfuseError(f"phase {self.phase!r}: use a comma-separated subset of {PHASES}")
+        if self.fit_mode not in ("full", "incremental"):
+            raise FedfuseError(f"fit-mode={self.fit_mode!r}: use 'full' or 'incremental'")
         if self.parallel not in ("auto", "ray", "serial"):
             raise FedfuseError(f"parallel={self.parallel!r}: use 'auto', 'ray' or 'serial'")
         if not 0.0 < self.quorum <= 1.0:
