@@ -15,7 +15,7 @@ FAMILY ?= sine
 DEVICES ?= 25
 RUN_CONFIG ?=
 
-.PHONY: install test test-fast demo bench bench-sine bench-mnist bench-movielens clean
+.PHONY: install test test-fast demo assistant bench bench-sine bench-mnist bench-movielens clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ demo: $(STAMP)
 	$(FLWR_ENV) flwr run . local --stream --federation-config "num-supernodes=$(DEVICES)" \
 		--run-config "family='$(FAMILY)' store='$(CURDIR)/runs/store-$(subst :,-,$(FAMILY))' $(RUN_CONFIG)"; \
 	status=$$?; pkill -f "[f]lower-superlink.*$(CURDIR)/.flwr" || true; exit $$status
+
+# The personal-assistant story: a MovieLens zoo fitted into a store, the initializer service,
+# new users' phones fetching their models over HTTP and adapting them on their first ratings.
+assistant: $(STAMP)
+	$(PY) simulations/examples/assistant.py --store runs/assistant
 
 # Tables 1-3 on one machine (no Flower), 3 seeds each: writes runs/bench/{sine,mnist,movielens}/.
 bench: bench-sine bench-mnist bench-movielens
