@@ -58,13 +58,13 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     prior, hidden layers unchanged: ``(q, d)`` weights.
 
     A device's few shots move the readout only along the directions the zoo says functions vary
-    in, and only as far as the prior allows; with fewer than 2 shots it returns ``mean``. The data term is
-    divided by a strength ``c`` (for ``mse``: the shots' noise variance is ``c`` times the prior's
+    in, and only as far as the prior allows; with fewer than 2 shots it returns ``mean``. The data
+    term is divided by a strength ``c`` (for ``mse``: the shots' noise variance is ``c`` times the prior's
     predictive variance at them; for cross-entropy a temperature). Each device picks its own
     ``c`` by cross-validation on its shots (refit without each of ``folds`` parts, predict
-    them), and keeps its initializer unless some ``c`` predicts its held-out shots better than
-    the initializer does: an update is never taken on faith. The problem is convex in the
-    readout (least squares or cross-entropy plus a Gaussian penalty).
+    them), and keeps its initializer unless the update predicts its held-out shots better than
+    the initializer by more than one standard error: an update is never taken on faith. The
+    problem is convex in the readout (least squares or cross-entropy plus a Gaussian penalty).
     """
     k = x.shape[-2]
     if k < 2:  # nothing to validate an update with
@@ -82,22 +82,26 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     else:
         unit = torch.ones(q)
     with torch.no_grad():
-        best_err = _shot_loss(phi @ prior.loc.float().reshape(q, h1, out), y, loss).sum(1)
-    best = prior.loc.float().clone()
+        base = _shot_loss(phi @ prior.loc.float().reshape(q, h1, out), y, loss)  # (q, k)
     f = min(folds, k)
-    held = torch.arange(k)[None, :] % f == torch.arange(f)[:, None]  # (f, k)
+    held = torch.arange(k)[None, :] % f == torch.arange(f)[:, None]  # (f, k): every shot held out once
     rep = lambda t: t.repeat_interleave(f, 0)  # noqa: E731
     cv_prior = ReadoutGaussian(rep(prior.loc), rep(prior.factor), rep(prior.diag))
+    errors = []
     for c in strengths:
-        scale = c * unit
-        cv = _map_readout(rep(phi), cv_prior, rep(y), (~held).float().repeat(q, 1), loss, rep(scale), max_iter)
+        cv = _map_readout(rep(phi), cv_prior, rep(y), (~held).float().repeat(q, 1), loss, rep(c * unit), max_iter)
         with torch.no_grad():
             err = _shot_loss(rep(phi) @ cv.reshape(q * f, h1, out), rep(y), loss) * held.repeat(q, 1)
-            err = err.reshape(q, f, k).sum((1, 2))
-        better = err < best_err
-        if better.any():
-            full = _map_readout(phi[better], ReadoutGaussian(prior.loc[better], prior.factor[better], prior.diag[better]),
-                                y[better], torch.ones(int(better.sum()), k), loss, scale[better], max_iter)
-            best[better] = full
-            best_err = torch.where(better, err, best_err)
+        errors.append(err.reshape(q, f, k).sum(1))  # (q, k): each shot's error when held out
+    errors = torch.stack(errors)  # (S, q, k)
+    pick = errors.sum(-1).argmin(0)  # (q,) each device's strength
+    gain = errors[pick, torch.arange(q)] - base  # (q, k) held-out loss against the initializer's
+    se = gain.std(-1) / k**0.5
+    accept = gain.mean(-1) + se < 0  # better by more than one standard error (Breiman's rule)
+    best = prior.loc.float().clone()
+    for s_idx, c in enumerate(strengths):
+        rows = torch.nonzero(accept & (pick == s_idx)).flatten()
+        if len(rows):
+            sub = ReadoutGaussian(prior.loc[rows], prior.factor[rows], prior.diag[rows])
+            best[rows] = _map_readout(phi[rows], sub, y[rows], torch.ones(len(rows), k), loss, c * unit[rows], max_iter)
     return set_readout(spec, mean, best.reshape(q, h1, out))
