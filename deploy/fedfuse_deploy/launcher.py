@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from fedfuse.errors import FedfuseError
+from fedfuse.errors import DeploymentError, FedfuseError
 from fedfuse_deploy.credentials import make_certificates, make_node_keys
 
 CONNECTION = "fedfuse-local"
@@ -51,7 +51,7 @@ def _bin(name: str) -> str:
     local = Path(sys.executable).with_name(name)
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise FedfuseError(f"{name} not found: install fedfuse (it brings flwr) into this environment")
+        raise DeploymentError(f"{name} not found: install fedfuse (it brings flwr) into this environment")
     return found
 
 
@@ -196,7 +196,7 @@ class LocalDeployment:
         out = self.flwr(["supernode", "register", str(public_key), CONNECTION], timeout=60)
         found = re.search(r"SuperNode (\d+) registered", out)
         if not found:
-            raise FedfuseError(f"registering {public_key.name} failed:\n{out}")
+            raise DeploymentError(f"registering {public_key.name} failed:\n{out}")
         return found.group(1)
 
     def alive(self, name: str) -> bool:
@@ -208,7 +208,7 @@ class LocalDeployment:
                              timeout=timeout, cwd=self.workdir)
         out = res.stdout + res.stderr
         if check and res.returncode != 0:
-            raise FedfuseError(f"flwr {' '.join(args)} failed ({res.returncode}):\n{out[-3000:]}")
+            raise DeploymentError(f"flwr {' '.join(args)} failed ({res.returncode}):\n{out[-3000:]}")
         return out
 
     def run(self, app: str | os.PathLike, run_config: str, timeout: float = 900) -> str:
@@ -245,9 +245,9 @@ class LocalDeployment:
             if ready():
                 return
             if not alive_pid(pid):
-                raise FedfuseError(f"{what} exited during start-up; see {log}:\n{_tail(log)}")
+                raise DeploymentError(f"{what} exited during start-up; see {log}:\n{_tail(log)}")
             time.sleep(0.3)
-        raise FedfuseError(f"{what} not healthy after {timeout:.0f}s; see {log}:\n{_tail(log)}")
+        raise DeploymentError(f"{what} not healthy after {timeout:.0f}s; see {log}:\n{_tail(log)}")
 
 
 def _tail(log: str, n: int = 15) -> str:

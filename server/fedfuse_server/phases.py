@@ -13,7 +13,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedfuse import wire
-from fedfuse.errors import FedfuseError, MessageRejected
+from fedfuse.errors import FedfuseError, MessageRejected, QuorumError
 from fedfuse.meta_model import MetaModel
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.records import from_records, to_records
@@ -116,7 +116,7 @@ class ServerRun:
         log.info("collect: %d accepted, %d declined, %d rejected, %d failed", len(report.accepted),
                  len(report.declined), len(report.rejected), len(report.failed))
         if contacted and len(report.accepted) < cfg.quorum * contacted:
-            raise FedfuseError(
+            raise QuorumError(
                 f"collect reached no quorum: {len(report.accepted)} valid uploads of {contacted} devices "
                 f"asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored")
         return report

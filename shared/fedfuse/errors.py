@@ -32,3 +32,11 @@ class FedfuseFailure(Exception):
 
 class StoreError(FedfuseFailure):
     """The model store's folder or index could not be read or written; the message names the path."""
+
+
+class QuorumError(FedfuseFailure):
+    """Too few devices answered a round with a valid reply for it to count."""
+
+
+class DeploymentError(FedfuseFailure):
+    """A deployment's process did not start, stay healthy or answer (the message names its log)."""

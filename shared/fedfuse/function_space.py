@@ -247,7 +247,6 @@ class FunctionSpaceGP(nn.Module):
     def _condition(self) -> None:
         """What predictions need; called by fit and by load (one path)."""
         if not self.local:
-            n = self.x_.shape[0]
             k = _k(self.kernel_, self.x_, self.x_) + torch.diag(self.log_noise_.exp() * self.noise_scale_ + 1e-8)
             self.chol_ = torch.linalg.cholesky(k)
             self.alpha_ = torch.cholesky_solve(self.y_, self.chol_)

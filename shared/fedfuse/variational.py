@@ -31,9 +31,6 @@ class DiagonalGaussian(nn.Module):
     def distribution(self) -> Normal:
         return Normal(self.loc, self.scale)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        return self.distribution().rsample(sample_shape)
-
     def entropy(self) -> Tensor:
         return self.distribution().entropy().sum()
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import typer
+
+from fedfuse_deploy.cli import app as deploy_app
+from fedfuse_server.cli import serve_initializers, store_app
 
 app = typer.Typer(help="fedfuse: fuse independently trained models into personalized warm starts.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -107,228 +108,9 @@ def bench_movielens(out: Path | None = OUT, smoke: bool = SMOKE, seeds: str | No
     _bench("movielens", bench.MovieLensConfig, bench.run, out, smoke, seeds, threads, settings=settings)
 
 
-deploy_app = typer.Typer(help="Run a real deployment on this machine: SuperLink and SuperNodes as "
-                              "separate processes (TLS and SuperNode authentication by default).",
-                         no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
-WORKDIR = typer.Option(Path("runs/deploy"), help="folder holding the deployment's state, logs, keys")
-
-
-@deploy_app.command("certs")
-def deploy_certs(
-    out: Path = typer.Option(Path("deploy/certs"), help="folder for ca.crt, server.pem, server.key"),
-    host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="IP or DNS name the SuperLink is reached at (repeat)"),
-) -> None:
-    """Make a CA and a SuperLink server certificate for the given hosts."""
-    from fedfuse_deploy.credentials import make_certificates
-
-    certs = make_certificates(out, host)
-    typer.echo(f"CA {certs.ca_cert}\nserver certificate {certs.server_cert} for {', '.join(host)}")
-
-
-@deploy_app.command("node-key")
-def deploy_node_key(name: str, out: Path = typer.Option(Path("deploy/keys"))) -> None:
-    """Make a SuperNode's EC key pair (register NAME.pub with `flwr supernode register`)."""
-    from fedfuse_deploy.credentials import make_node_keys
-
-    private, public = make_node_keys(out, name)
-    typer.echo(f"private key {private}\npublic key {public}")
-
-
-@deploy_app.command("device-data")
-def deploy_device_data(
-    out: Path, index: int = typer.Option(..., help="device number: below --clients trains a model"),
-    clients: int = typer.Option(3), new: int = typer.Option(1), seed: int = typer.Option(0),
-    shots: int = typer.Option(10), family: str = typer.Option("sine", help="task family"),
-) -> None:
-    """Write a simulated device's private data file (what `data=` points a SuperNode to)."""
-    from fedfuse.tasks import DeviceConfig, get_family
-
-    fam = get_family(family)
-    device = fam.simulated_device(index, DeviceConfig(clients, new, seed, shots))
-    device.save(out, family)
-    typer.echo(f"{device.client_id} ({device.role}) -> {out}")
-
-
-@deploy_app.command("up")
-def deploy_up(
-    workdir: Path = WORKDIR,
-    devices: int = typer.Option(3, min=0, help="simulated devices with a model to upload"),
-    new: int = typer.Option(0, min=0, help="new simulated devices to start now (more with add-node)"),
-    family: str = typer.Option("sine", help="task family of the simulated devices"),
-    insecure: bool = typer.Option(False, "--insecure", help="no TLS (and no authentication)"),
-    no_auth: bool = typer.Option(False, "--no-auth", help="TLS without SuperNode authentication"),
-) -> None:
-    """Start a SuperLink and SuperNodes on 127.0.0.1 and wait until each is healthy."""
-    from fedfuse.tasks import DeviceConfig, get_family
-    from fedfuse_deploy.launcher import LocalDeployment
-
-    fam = get_family(family)
-    dep = LocalDeployment(workdir, secure=not insecure, auth=not (insecure or no_auth))
-    dep.start_superlink()
-    typer.echo(f"SuperLink pid {dep.superlink.pid} on {dep.host}:{dep.superlink.port}")
-    for i in range(devices + new):
-        data = workdir / "data" / f"device{i}.safetensors"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        device = fam.simulated_device(i, DeviceConfig(devices, new, 0, 10))
-        device.save(data, family)
-        node = dep.add_supernode(device.client_id, data)
-        typer.echo(f"SuperNode {device.client_id} pid {node.pid} port {node.port}")
-    typer.echo(f"FLWR_HOME={dep.flwr_home}  connection: fedfuse-local")
-
-
-@deploy_app.command("add-node")
-def deploy_add_node(name: str, data: Path, workdir: Path = WORKDIR) -> None:
-    """Start one more SuperNode for device NAME with its private data file DATA."""
-    from fedfuse_deploy.launcher import LocalDeployment
-
-    node = LocalDeployment.load(workdir).add_supernode(name, data)
-    typer.echo(f"SuperNode {name} pid {node.pid} port {node.port}")
-
-
-@deploy_app.command("run")
-def deploy_run(
-    run_config: str = typer.Option(..., "--run-config", "-c", help="e.g. \"phase='collect,fit' store='/abs/store'\""),
-    workdir: Path = WORKDIR, app_dir: Path = typer.Option(Path("."), "--app", help="the Flower app (this repo)"),
-) -> None:
-    """`flwr run` the app against this deployment's SuperLink, streaming its logs."""
-    from fedfuse_deploy.launcher import LocalDeployment
-
-    typer.echo(LocalDeployment.load(workdir).run(app_dir, run_config))
-
-
-@deploy_app.command("status")
-def deploy_status(workdir: Path = WORKDIR) -> None:
-    """The processes this deployment started and whether each is alive."""
-    from fedfuse_deploy.launcher import LocalDeployment, alive_pid
-
-    dep = LocalDeployment.load(workdir)
-    procs = ({"superlink": dep.superlink} if dep.superlink else {}) | dep.supernodes
-    for name, p in procs.items():
-        typer.echo(f"{name:24s} pid {p.pid:<8d} port {p.port:<6d} {'alive' if alive_pid(p.pid) else 'gone'}")
-
-
-@deploy_app.command("down")
-def deploy_down(workdir: Path = WORKDIR) -> None:
-    """Stop exactly the processes `up`/`add-node` started."""
-    from fedfuse_deploy.launcher import LocalDeployment
-
-    still = LocalDeployment.load(workdir).down()
-    if still:
-        typer.echo(f"ports still listening: {still}", err=True)
-        raise typer.Exit(1)
-    typer.echo("stopped")
-
-
-store_app = typer.Typer(help="Inspect and repair a server's model store (the folder its store= setting "
-                             "names). Stop the server before rm and rebuild-index.",
-                        no_args_is_help=True)
 app.add_typer(store_app, name="store")
-STORE = typer.Argument(..., help="the store folder")
-
-
-@contextmanager
-def _operator_errors() -> Iterator[None]:
-    """A store's refusal or failure as one line on stderr and exit code 1, not a traceback."""
-    from fedfuse.errors import FedfuseError, FedfuseFailure
-
-    try:
-        yield
-    except (FedfuseError, FedfuseFailure) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-
-
-def _existing(folder: Path) -> Path:
-    """``folder`` if it holds a store: a command must not create one at a mistyped path."""
-    from fedfuse.errors import FedfuseError
-
-    if not (folder / "index.sqlite").is_file() and not (folder / "uploads").is_dir():
-        raise FedfuseError(f"{folder} holds no model store (no index.sqlite, no uploads/): give the "
-                           "folder the server's store= setting names")
-    return folder
-
-
-def _descriptor(values: list[float] | None) -> str:
-    if values is None:
-        return "?"
-    shown = ", ".join(f"{v:.4g}" for v in values[:4])
-    return f"[{shown}]" if len(values) <= 4 else f"[{shown}, ...] ({len(values)})"
-
-
-@store_app.command("ls")
-def store_ls(store: Path = STORE) -> None:
-    """Every entry: client id, when it was received (UTC), its number of training examples, its
-    descriptor and its status (ok, unreadable or quarantined, with the reason)."""
-    from fedfuse_server.store import ModelStore
-
-    with _operator_errors():
-        entries = ModelStore(_existing(store)).entries()
-    typer.echo(f"{'client':24s} {'received (UTC)':19s} {'examples':>8s}  {'descriptor':28s} status")
-    for e in entries:
-        who = repr(e.client_id) if e.client_id is not None else f"? ({e.file})"
-        received = "?" if e.received is None else datetime.fromtimestamp(e.received, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        examples = "?" if e.n_examples is None else str(e.n_examples)
-        status = f"{e.status}: {e.reason}" if e.reason else e.status
-        typer.echo(f"{who:24s} {received:19s} {examples:>8s}  {_descriptor(e.descriptor):28s} {status}")
-
-
-@store_app.command("rm")
-def store_rm(store: Path = STORE, client_id: str = typer.Argument(..., help="as `ls` shows it, without quotes")) -> None:
-    """Drop a client's entry; its file moves to quarantine/ (nothing is deleted)."""
-    from fedfuse_server.store import ModelStore
-
-    with _operator_errors():
-        ModelStore(_existing(store)).remove(client_id)
-    typer.echo(f"removed the entry of client {client_id!r}; its file is under {store / 'quarantine'}")
-
-
-@store_app.command("verify")
-def store_verify(store: Path = STORE) -> None:
-    """Check every entry's file (present, unchanged since stored, readable, finite, of the zoo's
-    architecture) and the meta-model's; list the problems and exit with 1 if there are any."""
-    from fedfuse_server.store import ModelStore
-
-    with _operator_errors():
-        opened = ModelStore(_existing(store))
-        problems, n = opened.verify(), len(opened.ids())
-    for problem in problems:
-        typer.echo(str(problem))
-    if problems:
-        typer.echo(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {store}: `fedfuse store rm` "
-                   "or a new upload from the client replaces a bad entry", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"ok: {n} entries (and the meta-model, if one is fitted) match the index")
-
-
-@store_app.command("rebuild-index")
-def store_rebuild_index(store: Path = STORE) -> None:
-    """Rebuild the index from the upload files (each names its client); the old index is kept as
-    index.sqlite.bak, and its rounds, metrics and quarantine records carry over where readable."""
-    from fedfuse_server.store import rebuild_index
-
-    with _operator_errors():
-        n = len(rebuild_index(_existing(store)).ids())
-    backup = store / "index.sqlite.bak"
-    typer.echo(f"rebuilt the index of {store}: {n} entries" + (f"; the old index is {backup}" if backup.exists() else ""))
-
-
-@app.command("serve")
-def serve_initializers(
-    store: Path = typer.Option(..., help="the server's store folder (its meta-model is served; a new fit is picked up)"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
-    port: int = typer.Option(8000, min=1, max=65535),
-    replicas: int = typer.Option(1, min=1, help="Serve replicas (one CPU each)"),
-    token_file: Path | None = typer.Option(None, help="file holding the bearer token clients must send"),
-) -> None:
-    """Serve personalized initializers over HTTP (Ray Serve) until Ctrl-C: POST /v1/initializers,
-    GET /v1/model, GET /healthz. Joins the Ray cluster RAY_ADDRESS names, else starts a local Ray."""
-    from fedfuse_server.serve import serve_until_stopped
-
-    with _operator_errors():
-        serve_until_stopped(_existing(store), lambda url: typer.echo(f"serving initializers at {url} (Ctrl-C stops)"),
-                            host=host, port=port, replicas=replicas, token_file=token_file)
-    typer.echo("stopped")
+app.command("serve")(serve_initializers)
 
 
 @app.callback()

@@ -200,7 +200,7 @@ class MovieLensFamily(TaskFamily):
 
     def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
         side = public_side(cfg.seed, self.dim, self.reg)
-        sp, r = side.split, side.ratings
+        sp = side.split
         if index < cfg.num_clients:
             user = int(sp.seen[index % len(sp.seen)])
             x, y = self._examples(side, user, sp.public_cf())
