@@ -46,8 +46,8 @@ class RayMap:
             self._task_cpus = 1
             log.info("joined Ray cluster at %s", self.address)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False,
-                     num_cpus=os.cpu_count() or 1)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     num_cpus=os.cpu_count() or 1)  # "local": never a stale `ray start`'s address file
             self._task_cpus = 1
             log.info("started a local Ray instance")
 

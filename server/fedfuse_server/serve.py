@@ -248,7 +248,7 @@ def serving(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 80
     if cluster:
         ray.init(address=cluster)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         args = {"store": str(Path(store).resolve()), "replicas": replicas, "poll_s": poll_s}

@@ -26,6 +26,16 @@ def _shot_loss(pred: Tensor, y: Tensor, loss: str) -> Tensor:
     return torch.nn.functional.cross_entropy(pred.transpose(1, 2), y, reduction="none")
 
 
+def _shot_error(pred: Tensor, y: Tensor, loss: str) -> Tensor:
+    """Per-shot error ``(q, k)`` an update is judged by: the squared error, or for classes
+    whether the shot is misclassified among the classes the device's shots contain."""
+    if loss == "mse":
+        return _shot_loss(pred, y, loss)
+    seen = torch.zeros(pred.shape[0], pred.shape[-1], dtype=torch.bool).scatter_(1, y, True)
+    guess = pred.masked_fill(~seen[:, None, :], float("-inf")).argmax(-1)
+    return (guess != y).float()
+
+
 def _map_readout(phi: Tensor, prior: ReadoutGaussian, y: Tensor, weight: Tensor, loss: str,
                  scale: Tensor, max_iter: int) -> Tensor:
     """MAP readouts ``(q, p)`` under the Gaussian prior given the shots weighted by ``weight``
@@ -62,9 +72,10 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     term is divided by a strength ``c`` (for ``mse``: the shots' noise variance is ``c`` times the prior's
     predictive variance at them; for cross-entropy a temperature). Each device picks its own
     ``c`` by cross-validation on its shots (refit without each of ``folds`` parts, predict
-    them), and keeps its initializer unless the update predicts its held-out shots better than
-    the initializer by more than one standard error: an update is never taken on faith. The
-    problem is convex in the readout (least squares or cross-entropy plus a Gaussian penalty).
+    them), and keeps its initializer unless the update's held-out error (squared error;
+    misclassification for classes) beats the initializer's by more than one standard error: an
+    update is never taken on faith. The problem is convex in the readout (least squares or
+    cross-entropy plus a Gaussian penalty).
     """
     k = x.shape[-2]
     if k < 2:  # nothing to validate an update with
@@ -82,20 +93,21 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     else:
         unit = torch.ones(q)
     with torch.no_grad():
-        base = _shot_loss(phi @ prior.loc.float().reshape(q, h1, out), y, loss)  # (q, k)
+        zero = phi @ prior.loc.float().reshape(q, h1, out)
+        base = _shot_error(zero, y, loss)  # (q, k)
     f = min(folds, k)
     held = torch.arange(k)[None, :] % f == torch.arange(f)[:, None]  # (f, k): every shot held out once
     rep = lambda t: t.repeat_interleave(f, 0)  # noqa: E731
     cv_prior = ReadoutGaussian(rep(prior.loc), rep(prior.factor), rep(prior.diag))
-    errors = []
+    losses, errors = [], []
     for c in strengths:
         cv = _map_readout(rep(phi), cv_prior, rep(y), (~held).float().repeat(q, 1), loss, rep(c * unit), max_iter)
         with torch.no_grad():
-            err = _shot_loss(rep(phi) @ cv.reshape(q * f, h1, out), rep(y), loss) * held.repeat(q, 1)
-        errors.append(err.reshape(q, f, k).sum(1))  # (q, k): each shot's error when held out
-    errors = torch.stack(errors)  # (S, q, k)
-    pick = errors.sum(-1).argmin(0)  # (q,) each device's strength
-    gain = errors[pick, torch.arange(q)] - base  # (q, k) held-out loss against the initializer's
+            pred, mask = rep(phi) @ cv.reshape(q * f, h1, out), held.repeat(q, 1)
+            losses.append((_shot_loss(pred, rep(y), loss) * mask).reshape(q, f, k).sum(1))
+            errors.append((_shot_error(pred, rep(y), loss) * mask).reshape(q, f, k).sum(1))
+    pick = torch.stack(losses).sum(-1).argmin(0)  # (q,) each device's strength, by held-out loss
+    gain = torch.stack(errors)[pick, torch.arange(q)] - base  # (q, k) held-out error against the initializer's
     se = gain.std(-1) / k**0.5
     accept = gain.mean(-1) + se < 0  # better by more than one standard error (Breiman's rule)
     best = prior.loc.float().clone()

@@ -174,7 +174,7 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
                 tuned = {m: (conditioned(bayes[m], idx, xs, ys) if m in bayes else
                              train_networks(mnist.SPEC, init[idx], xs, ys, cfg.finetune_steps, cfg.finetune_lr, loss="ce"))
                          for m, init in inits.items()}
-                tuned["MAML, own SGD"] = maml.finetune(xs, ys, cfg.maml_test_steps)  # as Finn et al. test it
+                tuned["MAML, own SGD"] = maml.train_networks(xs, ys, cfg.maml_test_steps)  # as Finn et al. test it
                 for method, w in tuned.items():
                     acc = mnist.accuracy(w, tasks, x_test, y_test)
                     rows += [{"seed": seed, "method": method, "K": K, "shots": k,

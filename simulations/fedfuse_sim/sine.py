@@ -207,7 +207,7 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
               for m, (spec, init) in inits.items()}
     for method, p in (("ours", post), ("ours, 1-NN's features", post_nn), ("no-align", post_no_align)):
         tuners[method] = (sine.SPEC, bayes_tuner(p))
-    tuners |= {f"{name}, own SGD": (MAML_SPECS[name], partial(m.finetune, steps=cfg.maml_test_steps))
+    tuners |= {f"{name}, own SGD": (MAML_SPECS[name], partial(m.train_networks, steps=cfg.maml_test_steps))
                for name, m in mamls.items()}  # MAML as Finn et al. test it: its own SGD steps
     rows, tuned = evaluate(tuners, test, cfg, seed, progress)
     stats = posterior_stats(post, test, cfg.posterior_samples, seed)

@@ -28,7 +28,7 @@ def test_a_family_runs_collect_fit_personalize_through_flower(family, tmp_path):
     overrides, beats_cold = FAMILIES[family]
     settings = {**SMOKE, **overrides, "family": family, "store": str(tmp_path / "store")}
     run_simulation(build_server_app(**settings), build_client_app(**settings), num_supernodes=NUM_CLIENTS + NUM_NEW,
-                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"address": "local", "num_cpus": 2}})
     store = ModelStore(tmp_path / "store")
     assert len(store.ids()) == NUM_CLIENTS
     model = store.load_meta_model()

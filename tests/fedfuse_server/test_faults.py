@@ -55,7 +55,7 @@ def test_collect_survives_crashes_hangs_and_bad_uploads(tmp_path):
     settings = {**SETTINGS, "store": str(store_dir)}
     run_simulation(build_server_app(**settings), build_client_app(mods=[faulty_mod(str(folder))], **settings),
                    num_supernodes=8, backend_config={"client_resources": {"num_cpus": 1},
-                                                     "init_args": {"num_cpus": 2}})
+                                                     "init_args": {"address": "local", "num_cpus": 2}})
     store = ModelStore(store_dir)
     good = [p for p in range(8) if p not in CRASH | HANG | NAN]
     assert store.ids() == [f"sine-{p:05d}" for p in good]

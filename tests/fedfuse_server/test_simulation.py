@@ -47,7 +47,7 @@ def _simulate(store: Path, log_dir: Path, **overrides):
         build_server_app(**settings),
         build_client_app(mods=[recording_mod(str(log_dir))], **settings),
         num_supernodes=NUM_CLIENTS + NUM_NEW,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"address": "local", "num_cpus": 2}},
     )
 
 
