@@ -1,9 +1,14 @@
 """The server's three phases for any task family: collect the zoo, fit the meta-model,
 personalize new devices. Every device's reply is handled on its own: whatever one device sends,
-the round goes on and that device is told why it was refused."""
+the round goes on and that device is told why it was refused.
+
+A device is known by its node's identity (:func:`node_identities`), never by what it says: a
+client id is bound to the device that first uploaded it, and another device using that id is
+refused."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,6 +16,7 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from fedfuse import wire
 from fedfuse.errors import FedfuseError, MessageRejected
@@ -22,7 +28,7 @@ from fedfuse.screening import screen
 from fedfuse.tasks import TaskFamily, get_family
 from fedfuse_server.ray_map import RayMap
 from fedfuse_server.report import print_personalized
-from fedfuse_server.store import ModelStore
+from fedfuse_server.store import ModelStore, bound_elsewhere
 
 log = logging.getLogger("fedfuse_server")
 
@@ -53,6 +59,37 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     return nodes
 
 
+def node_identities(grid: Grid) -> dict[int, str]:
+    """Each connected node's identity, the one client ids are bound to: the fingerprint of the
+    public key the SuperLink knows the node by, or its node id where the grid names no key. With
+    SuperNode authentication that key is the one registered for the node, and the SuperLink
+    checks its signature on every request and that the request's node id is the key's, so the
+    identity outlives node restarts, SuperLink restarts and re-registration of the same key;
+    without authentication a SuperNode draws a new key whenever it starts, and in simulation
+    every run draws new ones."""
+    out = {}
+    for info in grid.get_nodes():
+        key = bytes(info.public_key)
+        out[int(info.node_id)] = f"key:{hashlib.sha256(key).hexdigest()[:32]}" if key else f"node:{info.node_id}"
+    return out
+
+
+@dataclass
+class Claims:
+    """Which device may use which client id in one exchange: the store's bindings in force,
+    then, for an id bound to no one, the first device that claims it in the exchange."""
+
+    bound: dict[str, str]
+    claimed: dict[str, str] = field(default_factory=dict)
+
+    def claim(self, client_id: str, identity: str) -> None:
+        """Refuse ``client_id`` to any device but its owner (MessageRejected)."""
+        if self.bound.get(client_id, identity) != identity:
+            raise bound_elsewhere(client_id)
+        if self.claimed.setdefault(client_id, identity) != identity:
+            raise MessageRejected(f"client id {client_id!r} was already claimed by another device in this round")
+
+
 def _request(node: int, message_type: str, payload: wire.Payload | None = None) -> Message:
     content = to_records(payload) if payload is not None else RecordDict()
     return Message(content, dst_node_id=node, message_type=message_type)
@@ -71,6 +108,8 @@ class ServerRun:
         self.grid, self.cfg, self.run = grid, cfg, run
         self.family: TaskFamily = get_family(cfg.family)
         self.store = ModelStore(cfg.store)
+        # simulated nodes get new keys every run: their bindings hold for the run that made them
+        self.scope = run if isinstance(grid, InMemoryGrid) else None
 
     def phases(self) -> dict[str, Any]:
         log.info("store at %s; family %s; phases %s", self.store.root, self.family.name, self.cfg.phases)
@@ -85,9 +124,11 @@ class ServerRun:
     # -- collect --------------------------------------------------------------------------------
     def collect(self) -> CollectReport:
         """One round: every connected device is asked once for its model; each valid upload is
-        stored (replacing an earlier one from the same client id)."""
+        stored (replacing an earlier one from the same client id and device)."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
+        who = node_identities(self.grid)
+        claims = Claims(self.store.bindings(self.scope))
         replies = list(self.grid.send_and_receive([_request(n, wire.UPLOAD) for n in nodes],
                                                   timeout=cfg.round_timeout))
         report, receipts, answered = CollectReport(), {}, set()
@@ -98,7 +139,7 @@ class ServerRun:
                 report.failed[node] = reply.error.reason
                 continue
             try:
-                receipts[node] = self._take_upload(reply, report)
+                receipts[node] = self._take_upload(reply, who.get(node, f"node:{node}"), claims, report)
             except FedfuseError as exc:
                 reason = str(exc)
                 report.rejected[f"node {node}"] = reason
@@ -121,17 +162,19 @@ class ServerRun:
                 f"asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored")
         return report
 
-    def _take_upload(self, reply: Message, report: CollectReport) -> wire.Payload | None:
-        """Store one device's upload; the receipt to send it (none for a decline)."""
+    def _take_upload(self, reply: Message, identity: str, claims: Claims,
+                     report: CollectReport) -> wire.Payload | None:
+        """Store the upload of the device ``identity``; the receipt to send it (none for a
+        decline). Its client id is claimed before anything else is read, so that a later claim
+        of the id in this round is refused even where this upload is."""
         payload = from_records(reply.content)
         if wire.is_decline(payload):
             report.declined.append(wire.parse_client_id(payload.config))
             return None
+        claims.claim(wire.parse_client_id(payload.config), identity)
         upload = wire.parse_upload(payload, self.family.arch, self.family.descriptor.length)
         self.family.descriptor.check(upload.tau)
-        if upload.client_id in report.accepted:
-            raise MessageRejected(f"client id {upload.client_id!r} was already uploaded in this round")
-        self.store.put(upload)
+        self.store.put(upload, node=identity, run=self.scope)
         report.accepted.append(upload.client_id)
         return wire.receipt(True)
 
