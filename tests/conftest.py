@@ -28,8 +28,8 @@ class FlowerMessages:
     records of any name and kind, ConfigRecords and MetricRecords with any key and any value
     Flower lets through, and ArrayRecords whose arrays are real numpy arrays of any dtype and
     shape or ``Array(dtype=..., shape=..., stype=..., data=...)`` with a lying npy header or no
-    npy at all. ``mutated(payload)`` starts from a valid message and breaks it a little, so
-    that every branch of a parser is reached, not only its first refusal."""
+    npy at all. ``contents(valid)`` starts from valid messages and breaks them a little, so that
+    every branch of a parser is reached, not only its first refusal."""
 
     def __init__(self) -> None:
         import io
@@ -64,8 +64,13 @@ class FlowerMessages:
                           st.one_of(st.builds(npy, shapes, descrs, st.booleans(), st.integers(0, 1300)),
                                     st.binary(max_size=64), st.just(b"\x93NUMPY\x01\x00")))
         dtypes = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.bool_, np.complex64])
-        real = st.builds(lambda dt, sh, v: Array(np.full(sh, v).astype(dt)), dtypes,
-                         st.lists(st.integers(0, 320), max_size=3).map(tuple),
+        small_shapes = st.one_of(st.tuples(st.integers(0, 320)), st.tuples(st.integers(0, 320), st.integers(0, 4)),
+                                 st.lists(st.integers(0, 4), max_size=4).map(tuple))
+        def filled(dtype, shape: tuple, value: float) -> Array:
+            with np.errstate(all="ignore"):
+                return Array(np.full(shape, value).astype(dtype))
+
+        real = st.builds(filled, dtypes, small_shapes,
                          st.one_of(st.floats(width=32), st.sampled_from([0.0, 1e6, -1e-3])))
         self.arrays = st.one_of(real, lying)
         self.records = st.one_of(
@@ -74,45 +79,43 @@ class FlowerMessages:
             st.dictionaries(keys, self.metric_values, max_size=6).map(MetricRecord))
         self.names = st.one_of(st.sampled_from(["arrays", "config", "metrics"]), st.text(max_size=8))
         self.record_dict = st.dictionaries(self.names, self.records, max_size=4).map(RecordDict)
-        self._types = {"arrays": ArrayRecord, "config": ConfigRecord, "metrics": MetricRecord}
+        self._contents: dict = {}
+        self._values = {"ArrayRecord": self.arrays, "ConfigRecord": self.config_values,
+                        "MetricRecord": self.metric_values}
 
-    def mutated(self, content_of):
-        """RecordDicts made from a valid one (``content_of()`` builds it afresh) by 0-3 random
-        edits: a value replaced or dropped, a key added, an array replaced, a record added,
-        dropped, renamed or of another kind."""
+    def contents(self, valid):
+        """Whole RecordDicts: one drawn from ``valid`` (a strategy of valid messages) and broken
+        by 0-3 random edits (a value replaced or dropped, a key added, a record added, renamed
+        or of another kind), or anything at all. Built once per ``valid``: building is slow."""
+        if id(valid) not in self._contents:
+            self._contents[id(valid)] = self.st.one_of(self._mutated(valid), self.record_dict)
+        return self._contents[id(valid)]
+
+    def _mutated(self, valid):
         st = self.st
 
         @st.composite
         def strategy(draw):
-            content = content_of()
+            content = draw(valid)
             for _ in range(draw(st.integers(0, 3))):
-                edit = draw(st.sampled_from(["value", "drop", "key", "array", "record", "rename", "kind"]))
+                edit = draw(st.sampled_from(["value", "drop", "key", "record", "rename", "kind"]))
                 names = list(content.keys())
                 name = draw(st.sampled_from(names)) if names else None
                 record = content[name] if name else None
-                if edit in ("value", "key") and name in ("config", "metrics"):
+                if edit in ("value", "key") and record is not None:  # a value of the record's kind
                     keys = list(record.keys())
-                    key = draw(st.sampled_from(keys)) if keys and edit == "value" else draw(self.keys)
-                    values = self.config_values if name == "config" else self.metric_values
-                    record[key] = draw(values)
+                    key = draw(st.sampled_from(keys)) if keys and edit != "key" else draw(self.keys)
+                    record[key] = draw(self._values[type(record).__name__])
                 elif edit == "drop" and record is not None and len(record):
                     del record[draw(st.sampled_from(list(record.keys())))]
-                elif edit == "array" and name == "arrays":
-                    keys = list(record.keys())
-                    record[draw(st.sampled_from(keys)) if keys else draw(self.keys)] = draw(self.arrays)
-                elif edit == "record":
-                    content[draw(self.names)] = draw(self.records)
-                elif edit == "rename" and name is not None:
-                    content[draw(self.names)] = content.pop(name)
-                elif edit == "kind" and name is not None:
-                    content[name] = draw(self.records)
+                elif edit in ("record", "rename", "kind"):
+                    moved = content.pop(name) if name is not None and edit != "record" else None
+                    target = name if edit == "kind" else draw(self.names)
+                    content.pop(target, None)  # replaced, not overwritten: Flower warns about that
+                    content[target] = moved if edit == "rename" else draw(self.records)
             return content
 
         return strategy()
-
-    def contents(self, content_of):
-        """Whole RecordDicts: valid ones broken a little, or anything at all."""
-        return self.st.one_of(self.mutated(content_of), self.record_dict)
 
 
 @pytest.fixture(scope="session")
