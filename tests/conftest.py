@@ -33,12 +33,25 @@ class FlowerMessages:
 
     def __init__(self) -> None:
         import io
+        import json
+        import math
 
         import numpy as np
         from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
         from hypothesis import strategies as st
 
         self.st = st
+        small_ints = st.one_of(st.integers(-4, 0), st.integers(-4, 400))
+        archs = st.one_of(  # architecture JSON as a device could describe it
+            st.fixed_dictionaries({"kind": st.just("mlp"), "sizes": st.lists(small_ints, max_size=4)},
+                                  optional={"activation": st.sampled_from(["relu", "tanh", "swish"])}),
+            st.fixed_dictionaries({"kind": st.just("vector"), "length": small_ints}),
+            st.fixed_dictionaries({"kind": st.just("module"), "name": st.sampled_from(["small-cnn", "x"]),
+                                   "config": st.dictionaries(st.sampled_from(["hidden", "channels", "kernel", "side",
+                                                                              "classes", "bogus"]),
+                                                             st.one_of(small_ints, st.lists(small_ints, max_size=3)),
+                                                             max_size=3)}),
+        ).map(json.dumps)
         texts = st.one_of(st.text(max_size=12), st.sampled_from(["a\nb", "x\r\nINFO forged", "\x1b[31m", "é" * 5]))
         ints = st.one_of(st.integers(-3, 300), st.integers(), st.sampled_from([2**63, -(2**63) - 1, 10**40, 10**400]))
         floats = st.one_of(st.floats(), st.sampled_from([1e300, -1e300, 1e39, 3.5e38, 1e-320]))
@@ -49,19 +62,29 @@ class FlowerMessages:
                                           "uncertainty", "novelty", "shots", "score-0shot", "readout-factor",
                                           "readout-diag"]), st.text(max_size=8))
         self.keys = keys
+        numbers = st.one_of(ints, floats)
+        self._fields = {  # values that get past a parser's type checks to its later ones
+            "arch": st.one_of(archs, st.sampled_from([2, 1200, 2040]).map(lambda d: "[" * d + "]" * d)),
+            "tau": st.one_of(st.lists(ints, max_size=3), st.lists(floats, max_size=3)),
+            "client-id": texts, "n-examples": ints, "uncertainty": numbers, "novelty": numbers,
+            "status": st.sampled_from(["accepted", "rejected", "declined"]),
+        }
 
-        def npy(shape: tuple, descr: str, fortran: bool, body: int) -> bytes:
+        def npy(shape: tuple, descr: str, fortran: bool, body: int | None) -> bytes:
+            """An npy header; ``body`` bytes follow, or (None) as many as the header declares."""
             fh = io.BytesIO()
             np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": fortran, "shape": shape})
+            if body is None:
+                body = min(abs(math.prod(shape)) * np.dtype(descr).itemsize, 4096)
             return fh.getvalue() + b"\0" * body
 
         dims = st.one_of(st.integers(0, 320), st.integers(-3, -1), st.sampled_from([10**12, 2**62]))
         shapes = st.lists(dims, max_size=3).map(tuple)
-        descrs = st.sampled_from(["<f4", ">f8", "<f2", "|O", "<i8", "|b1", "<c8", "<f16", "|V4", "<U3"])
+        descrs = st.sampled_from(["<f4", ">f8", "<f2", "|O", "<i8", "|b1", "<c8", "<f16", "|V4", "<U3"])  # "<f16": 128 bits
         lying = st.builds(lambda dt, sh, st_, data: Array(dtype=dt, shape=sh, stype=st_, data=data),
                           st.sampled_from(["float32", "float64", "int64", "object", "", "weird"]), shapes,
                           st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]),
-                          st.one_of(st.builds(npy, shapes, descrs, st.booleans(), st.integers(0, 1300)),
+                          st.one_of(st.builds(npy, shapes, descrs, st.booleans(), st.one_of(st.none(), st.integers(0, 1300))),
                                     st.binary(max_size=64), st.just(b"\x93NUMPY\x01\x00")))
         dtypes = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.bool_, np.complex64])
         small_shapes = st.one_of(st.tuples(st.integers(0, 320)), st.tuples(st.integers(0, 320), st.integers(0, 4)),
@@ -85,8 +108,9 @@ class FlowerMessages:
 
     def contents(self, valid):
         """Whole RecordDicts: one drawn from ``valid`` (a strategy of valid messages) and broken
-        by 0-3 random edits (a value replaced or dropped, a key added, a record added, renamed
-        or of another kind), or anything at all. Built once per ``valid``: building is slow."""
+        by 0-3 random edits (a value replaced, by one of any kind or one that passes the field's
+        type check, or dropped, a key added, a record added, renamed or of another kind), or
+        anything at all. Built once per ``valid``: building is slow."""
         if id(valid) not in self._contents:
             self._contents[id(valid)] = self.st.one_of(self._mutated(valid), self.record_dict)
         return self._contents[id(valid)]
@@ -98,14 +122,16 @@ class FlowerMessages:
         def strategy(draw):
             content = draw(valid)
             for _ in range(draw(st.integers(0, 3))):
-                edit = draw(st.sampled_from(["value", "drop", "key", "record", "rename", "kind"]))
+                edit = draw(st.sampled_from(["value", "field", "field", "drop", "key", "record", "rename", "kind"]))
                 names = list(content.keys())
                 name = draw(st.sampled_from(names)) if names else None
                 record = content[name] if name else None
-                if edit in ("value", "key") and record is not None:  # a value of the record's kind
+                if edit in ("value", "field", "key") and record is not None:  # a value of the record's kind
                     keys = list(record.keys())
                     key = draw(st.sampled_from(keys)) if keys and edit != "key" else draw(self.keys)
-                    record[key] = draw(self._values[type(record).__name__])
+                    kind = type(record).__name__
+                    fits = edit == "field" and kind == "ConfigRecord" and key in self._fields
+                    record[key] = draw(self._fields[key] if fits else self._values[kind])
                 elif edit == "drop" and record is not None and len(record):
                     del record[draw(st.sampled_from(list(record.keys())))]
                 elif edit in ("record", "rename", "kind"):

@@ -59,6 +59,9 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     return nodes
 
 
+NOT_ASKED = "a reply from a node that was not asked"
+
+
 def node_identities(grid: Grid) -> dict[int, str]:
     """Each connected node's identity, the one client ids are bound to: the fingerprint of the
     public key the SuperLink knows the node by, or its node id where the grid names no key. With
@@ -134,9 +137,14 @@ class ServerRun:
         report, receipts, answered = CollectReport(), {}, set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in nodes:
+                report.rejected[f"node {node}"] = NOT_ASKED
+                log.warning("ignored a reply from node %s: %s", node, NOT_ASKED)
+                continue
             answered.add(node)
             if reply.has_error():
                 report.failed[node] = reply.error.reason
+                log.warning("node %s failed to upload: %r", node, reply.error.reason)
                 continue
             try:
                 receipts[node] = self._take_upload(reply, who.get(node, f"node:{node}"), claims, report)
@@ -146,7 +154,8 @@ class ServerRun:
                 receipts[node] = wire.receipt(False, reason)
                 log.warning("rejected upload from node %s: %r", node, reason)
             except Exception as exc:  # one reply must never cost the round
-                log.exception("upload from node %s could not be handled", node)
+                log.error("upload from node %s could not be handled: %r", node, exc)
+                log.debug("upload from node %s could not be handled", node, exc_info=True)
                 report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
                 receipts[node] = wire.receipt(False, "the server could not store this upload")
         for node in set(nodes) - answered:
@@ -196,55 +205,96 @@ class ServerRun:
     # -- personalize ----------------------------------------------------------------------------
     def personalize(self) -> dict[str, dict[str, Any]]:
         """QUERY every device for its descriptor, then send each one not in the zoo its
-        personalized initializer; the devices adapt it locally and send back metrics."""
+        personalized initializer; the devices adapt it locally and send back metrics. A reply
+        that cannot be used is logged and skipped; the round's report is stored either way."""
         cfg, family = self.cfg, self.family
         model = self.store.load_meta_model()
         known = set(self.store.ids())
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
+        who = node_identities(self.grid)
+        claims = Claims(self.store.bindings(self.scope))
+        report = PersonalizeReport()
         targets: list[tuple[int, str, list[float]]] = []
         for reply in self.grid.send_and_receive([_request(n, wire.DESCRIBE) for n in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %s did not describe itself: %r", node, reply.error.reason)
-                continue
             try:
-                cid, tau = wire.parse_description(from_records(reply.content), family.descriptor.length)
-                family.descriptor.check(tau)
+                if node not in nodes:
+                    raise MessageRejected(NOT_ASKED)
+                cid, tau = take_description(reply, family)
+                claims.claim(cid, who.get(node, f"node:{node}"))
             except FedfuseError as exc:
-                log.warning("node %s: %r", node, str(exc))
+                report.skip(f"node {node}", str(exc))
                 continue
             if cid not in known:
                 targets.append((node, cid, tau))
-        if not targets:
+        results: dict[str, dict[str, Any]] = {}
+        if targets:
+            results = self._personalize(model, targets, report)
+        else:
             log.warning("personalize: no device outside the zoo answered")
-            return {}
+        self.store.record_round("personalize", report.as_dict())
+        print_personalized(results, family.score)
+        return results
+
+    def _personalize(self, model: MetaModel, targets: list[tuple[int, str, list[float]]],
+                     report: PersonalizeReport) -> dict[str, dict[str, Any]]:
+        """Send each target its initializer; keep the metrics each sends back."""
         import torch
 
         post = model.personalize(torch.tensor([t for _, _, t in targets]))
         msgs = [_request(node, wire.PERSONALIZE, wire.initializer(post, j)) for j, (node, _, _) in enumerate(targets)]
         by_node = {node: (cid, j) for j, (node, cid, _) in enumerate(targets)}
         results: dict[str, dict[str, Any]] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             node = reply.metadata.src_node_id
             if node not in by_node:
+                report.skip(f"node {node}", NOT_ASKED)
                 continue
             cid, j = by_node[node]
-            if reply.has_error():
-                log.warning("device %r failed to adapt its initializer: %r", cid, reply.error.reason)
-                continue
             try:
-                metrics: dict[str, Any] = wire.parse_metrics(from_records(reply.content))
+                metrics: dict[str, Any] = take_metrics(reply)
             except FedfuseError as exc:
-                log.warning("device %r sent unusable metrics: %r", cid, str(exc))
+                report.skip(cid, str(exc))
                 continue
             metrics |= {"uncertainty": float(post.uncertainty[j]), "novelty": float(post.novelty[j])}
             if post.low_confidence()[j]:
                 log.warning("device %r: descriptor far from every training task (novelty %.2f): its "
                             "initializer is close to the population's", cid, metrics["novelty"])
             self.store.record_metrics(cid, self.run, metrics)
+            report.personalized.append(cid)
             results[cid] = metrics
-        print_personalized(results, family.score)
         return results
+
+
+@dataclass
+class PersonalizeReport:
+    personalized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # client id (or node) -> reason
+
+    def skip(self, who: str, reason: str) -> None:
+        self.skipped[who] = reason
+        log.warning("personalize: skipped %s: %r", who, reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"personalized": self.personalized, "skipped": self.skipped}
+
+
+def take_description(reply: Message, family: TaskFamily) -> tuple[str, list[float]]:
+    """A DESCRIBE reply's client id and descriptor, inside the family's domain; else
+    MessageRejected (or DescriptorError) saying why."""
+    if reply.has_error():
+        raise MessageRejected(f"the device could not describe itself: {reply.error.reason}")
+    cid, tau = wire.parse_description(from_records(reply.content), family.descriptor.length)
+    family.descriptor.check(tau)
+    return cid, tau
+
+
+def take_metrics(reply: Message) -> dict[str, float]:
+    """A PERSONALIZE reply's metrics, every one a finite number within bounds; else
+    MessageRejected saying why."""
+    if reply.has_error():
+        raise MessageRejected(f"the device failed to adapt its initializer: {reply.error.reason}")
+    return wire.parse_metrics(from_records(reply.content))
 
 
 def meta_model(cfg: RunConfig, family: TaskFamily, pmap: ParallelMap | None = None,

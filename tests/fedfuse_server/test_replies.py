@@ -50,7 +50,7 @@ DESCRIPTIONS = st.builds(lambda a: to_records(wire.description("new-0", [a, 1.0]
 METRICS = st.builds(lambda s: to_records(wire.metrics(10, *s)), st.lists(st.floats(0, 2), min_size=4, max_size=4))
 
 
-@settings(PROPERTY, max_examples=4000)
+@settings(PROPERTY, max_examples=3000)
 @given(data=st.data(), identity=st.sampled_from(["key:a", "key:b"]))
 def test_any_upload_reply_is_stored_or_refused_with_a_reason(upload_run, flower_task, flower_messages, data,
                                                              identity):
