@@ -316,7 +316,7 @@ def fit(store: ModelStore, cfg: RunConfig, pmap: ParallelMap | None = None, prog
     probe = family.probe(cfg.seed)
     kept, report = screen(zoo, probe, threshold=cfg.screen)
     if report.excluded:
-        log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.excluded)
+        log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.reasons)
     log.info("fit: %d models of %s", len(kept), zoo.spec)
     model = meta_model(cfg, family, pmap or make_pmap(cfg), progress).fit(kept, probe=probe)
     model.annotations_ = {"family": cfg.family, "descriptor": list(family.descriptor.names)}
