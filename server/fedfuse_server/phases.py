@@ -130,14 +130,14 @@ class ServerRun:
         stored (replacing an earlier one from the same client id and device)."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
-        who = node_identities(self.grid)
+        asked, who = set(nodes), node_identities(self.grid)
         claims = Claims(self.store.bindings(self.scope))
         replies = list(self.grid.send_and_receive([_request(n, wire.UPLOAD) for n in nodes],
                                                   timeout=cfg.round_timeout))
         report, receipts, answered = CollectReport(), {}, set()
         for reply in replies:
             node = reply.metadata.src_node_id
-            if node not in nodes:
+            if node not in asked:
                 report.rejected[f"node {node}"] = NOT_ASKED
                 log.warning("ignored a reply from node %s: %s", node, NOT_ASKED)
                 continue
@@ -158,7 +158,7 @@ class ServerRun:
                 log.debug("upload from node %s could not be handled", node, exc_info=True)
                 report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
                 receipts[node] = wire.receipt(False, "the server could not store this upload")
-        for node in set(nodes) - answered:
+        for node in asked - answered:
             report.failed[node] = f"no reply within {cfg.round_timeout:.0f}s"
         self._send_receipts({n: p for n, p in receipts.items() if p is not None})
         self.store.record_round("collect", report.as_dict())
@@ -211,14 +211,14 @@ class ServerRun:
         model = self.store.load_meta_model()
         known = set(self.store.ids())
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
-        who = node_identities(self.grid)
+        asked, who = set(nodes), node_identities(self.grid)
         claims = Claims(self.store.bindings(self.scope))
         report = PersonalizeReport()
         targets: list[tuple[int, str, list[float]]] = []
         for reply in self.grid.send_and_receive([_request(n, wire.DESCRIBE) for n in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
             try:
-                if node not in nodes:
+                if node not in asked:
                     raise MessageRejected(NOT_ASKED)
                 cid, tau = take_description(reply, family)
                 claims.claim(cid, who.get(node, f"node:{node}"))
