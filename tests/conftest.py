@@ -172,7 +172,8 @@ class FakeGrid:
 
 @pytest.fixture
 def flower_task():
-    """A task identity, as Flower sets one in a ServerApp process: Messages need it."""
+    """A task identity, as Flower sets one in a ServerApp process (Messages need one); yields
+    :class:`FakeGrid`, to build grids with."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
