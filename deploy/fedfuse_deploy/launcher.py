@@ -163,17 +163,19 @@ class LocalDeployment:
     # -- SuperNodes -------------------------------------------------------------------------------
     def add_supernode(self, name: str, data: str | os.PathLike, register: bool = True,
                       key: Path | None = None, root_cert: Path | None = None,
-                      timeout: float = 60.0, wait: bool = True) -> Proc:
+                      timeout: float = 60.0, wait: bool = True, client_id: str | None = None) -> Proc:
         """Start a SuperNode for device ``name`` whose private data is the file ``data``.
 
         With authentication its key pair is made and registered first (``register=False`` or a
-        foreign ``key`` make a node the SuperLink must refuse: used to test exactly that).
+        foreign ``key`` make a node the SuperLink must refuse: used to test exactly that). The
+        device calls itself ``client_id`` (default: ``name``); another device's id makes an
+        impostor the server must refuse.
         """
         if self.superlink is None:
             raise FedfuseError("start the SuperLink first")
         port = free_port(self.host)
         cmd = [_bin("flower-supernode"), "--superlink", f"{self.host}:{self.superlink.port}",
-               "--port", str(port), "--node-config", f"client-id='{name}' data='{Path(data).resolve()}'",
+               "--port", str(port), "--node-config", f"client-id='{client_id or name}' data='{Path(data).resolve()}'",
                "--max-wait-time", str(int(timeout))]
         cmd += ["--root-certificates", str(root_cert or self.ca_cert)] if self.secure else ["--insecure"]
         extra: dict[str, Any] = {}

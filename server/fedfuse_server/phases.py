@@ -1,9 +1,14 @@
 """The server's three phases for any task family: collect the zoo, fit the meta-model,
 personalize new devices. Every device's reply is handled on its own: whatever one device sends,
-the round goes on and that device is told why it was refused."""
+the round goes on and that device is told why it was refused.
+
+A device is known by its node's identity (:func:`node_identities`), never by what it says: a
+client id is bound to the device that first uploaded it, and another device using that id is
+refused."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,6 +16,7 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from fedfuse import wire
 from fedfuse.errors import FedfuseError, MessageRejected, QuorumError
@@ -22,7 +28,7 @@ from fedfuse.screening import screen
 from fedfuse.tasks import TaskFamily, get_family
 from fedfuse_server.ray_map import RayMap
 from fedfuse_server.report import print_personalized
-from fedfuse_server.store import ModelStore
+from fedfuse_server.store import ModelStore, bound_elsewhere
 
 log = logging.getLogger("fedfuse_server")
 
@@ -53,6 +59,40 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     return nodes
 
 
+NOT_ASKED = "a reply from a node that was not asked"
+
+
+def node_identities(grid: Grid) -> dict[int, str]:
+    """Each connected node's identity, the one client ids are bound to: the fingerprint of the
+    public key the SuperLink knows the node by, or its node id where the grid names no key. With
+    SuperNode authentication that key is the one registered for the node, and the SuperLink
+    checks its signature on every request and that the request's node id is the key's, so the
+    identity outlives node restarts, SuperLink restarts and re-registration of the same key;
+    without authentication a SuperNode draws a new key whenever it starts, and in simulation
+    every run draws new ones."""
+    out = {}
+    for info in grid.get_nodes():
+        key = bytes(info.public_key)
+        out[int(info.node_id)] = f"key:{hashlib.sha256(key).hexdigest()[:32]}" if key else f"node:{info.node_id}"
+    return out
+
+
+@dataclass
+class Claims:
+    """Which device may use which client id in one exchange: the store's bindings in force,
+    then, for an id bound to no one, the first device that claims it in the exchange."""
+
+    bound: dict[str, str]
+    claimed: dict[str, str] = field(default_factory=dict)
+
+    def claim(self, client_id: str, identity: str) -> None:
+        """Refuse ``client_id`` to any device but its owner (MessageRejected)."""
+        if self.bound.get(client_id, identity) != identity:
+            raise bound_elsewhere(client_id)
+        if self.claimed.setdefault(client_id, identity) != identity:
+            raise MessageRejected(f"client id {client_id!r} was already claimed by another device in this round")
+
+
 def _request(node: int, message_type: str, payload: wire.Payload | None = None) -> Message:
     content = to_records(payload) if payload is not None else RecordDict()
     return Message(content, dst_node_id=node, message_type=message_type)
@@ -71,6 +111,8 @@ class ServerRun:
         self.grid, self.cfg, self.run = grid, cfg, run
         self.family: TaskFamily = get_family(cfg.family)
         self.store = ModelStore(cfg.store)
+        # simulated nodes get new keys every run: their bindings hold for the run that made them
+        self.scope = run if isinstance(grid, InMemoryGrid) else None
 
     def phases(self) -> dict[str, Any]:
         log.info("store at %s; family %s; phases %s", self.store.root, self.family.name, self.cfg.phases)
@@ -85,30 +127,38 @@ class ServerRun:
     # -- collect --------------------------------------------------------------------------------
     def collect(self) -> CollectReport:
         """One round: every connected device is asked once for its model; each valid upload is
-        stored (replacing an earlier one from the same client id)."""
+        stored (replacing an earlier one from the same client id and device)."""
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
+        asked, who = set(nodes), node_identities(self.grid)
+        claims = Claims(self.store.bindings(self.scope))
         replies = list(self.grid.send_and_receive([_request(n, wire.UPLOAD) for n in nodes],
                                                   timeout=cfg.round_timeout))
         report, receipts, answered = CollectReport(), {}, set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in asked:
+                report.rejected[f"node {node}"] = NOT_ASKED
+                log.warning("ignored a reply from node %s: %s", node, NOT_ASKED)
+                continue
             answered.add(node)
             if reply.has_error():
                 report.failed[node] = reply.error.reason
+                log.warning("node %s failed to upload: %r", node, reply.error.reason)
                 continue
             try:
-                receipts[node] = self._take_upload(reply, report)
+                receipts[node] = self._take_upload(reply, who.get(node, f"node:{node}"), claims, report)
             except FedfuseError as exc:
                 reason = str(exc)
                 report.rejected[f"node {node}"] = reason
                 receipts[node] = wire.receipt(False, reason)
                 log.warning("rejected upload from node %s: %r", node, reason)
             except Exception as exc:  # one reply must never cost the round
-                log.exception("upload from node %s could not be handled", node)
+                log.error("upload from node %s could not be handled: %r", node, exc)
+                log.debug("upload from node %s could not be handled", node, exc_info=True)
                 report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
                 receipts[node] = wire.receipt(False, "the server could not store this upload")
-        for node in set(nodes) - answered:
+        for node in asked - answered:
             report.failed[node] = f"no reply within {cfg.round_timeout:.0f}s"
         self._send_receipts({n: p for n, p in receipts.items() if p is not None})
         self.store.record_round("collect", report.as_dict())
@@ -121,17 +171,19 @@ class ServerRun:
                 f"asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored")
         return report
 
-    def _take_upload(self, reply: Message, report: CollectReport) -> wire.Payload | None:
-        """Store one device's upload; the receipt to send it (none for a decline)."""
+    def _take_upload(self, reply: Message, identity: str, claims: Claims,
+                     report: CollectReport) -> wire.Payload | None:
+        """Store the upload of the device ``identity``; the receipt to send it (none for a
+        decline). Its client id is claimed before anything else is read, so that a later claim
+        of the id in this round is refused even where this upload is."""
         payload = from_records(reply.content)
         if wire.is_decline(payload):
             report.declined.append(wire.parse_client_id(payload.config))
             return None
+        claims.claim(wire.parse_client_id(payload.config), identity)
         upload = wire.parse_upload(payload, self.family.arch, self.family.descriptor.length)
         self.family.descriptor.check(upload.tau)
-        if upload.client_id in report.accepted:
-            raise MessageRejected(f"client id {upload.client_id!r} was already uploaded in this round")
-        self.store.put(upload)
+        self.store.put(upload, node=identity, run=self.scope)
         report.accepted.append(upload.client_id)
         return wire.receipt(True)
 
@@ -153,55 +205,96 @@ class ServerRun:
     # -- personalize ----------------------------------------------------------------------------
     def personalize(self) -> dict[str, dict[str, Any]]:
         """QUERY every device for its descriptor, then send each one not in the zoo its
-        personalized initializer; the devices adapt it locally and send back metrics."""
+        personalized initializer; the devices adapt it locally and send back metrics. A reply
+        that cannot be used is logged and skipped; the round's report is stored either way."""
         cfg, family = self.cfg, self.family
         model = self.store.load_meta_model()
         known = set(self.store.ids())
         nodes = wait_for_nodes(self.grid, cfg.num_clients + cfg.num_new, cfg.wait_for_nodes)
+        asked, who = set(nodes), node_identities(self.grid)
+        claims = Claims(self.store.bindings(self.scope))
+        report = PersonalizeReport()
         targets: list[tuple[int, str, list[float]]] = []
         for reply in self.grid.send_and_receive([_request(n, wire.DESCRIBE) for n in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %s did not describe itself: %r", node, reply.error.reason)
-                continue
             try:
-                cid, tau = wire.parse_description(from_records(reply.content), family.descriptor.length)
-                family.descriptor.check(tau)
+                if node not in asked:
+                    raise MessageRejected(NOT_ASKED)
+                cid, tau = take_description(reply, family)
+                claims.claim(cid, who.get(node, f"node:{node}"))
             except FedfuseError as exc:
-                log.warning("node %s: %r", node, str(exc))
+                report.skip(f"node {node}", str(exc))
                 continue
             if cid not in known:
                 targets.append((node, cid, tau))
-        if not targets:
+        results: dict[str, dict[str, Any]] = {}
+        if targets:
+            results = self._personalize(model, targets, report)
+        else:
             log.warning("personalize: no device outside the zoo answered")
-            return {}
+        self.store.record_round("personalize", report.as_dict())
+        print_personalized(results, family.score)
+        return results
+
+    def _personalize(self, model: MetaModel, targets: list[tuple[int, str, list[float]]],
+                     report: PersonalizeReport) -> dict[str, dict[str, Any]]:
+        """Send each target its initializer; keep the metrics each sends back."""
         import torch
 
         post = model.personalize(torch.tensor([t for _, _, t in targets]))
         msgs = [_request(node, wire.PERSONALIZE, wire.initializer(post, j)) for j, (node, _, _) in enumerate(targets)]
         by_node = {node: (cid, j) for j, (node, cid, _) in enumerate(targets)}
         results: dict[str, dict[str, Any]] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             node = reply.metadata.src_node_id
             if node not in by_node:
+                report.skip(f"node {node}", NOT_ASKED)
                 continue
             cid, j = by_node[node]
-            if reply.has_error():
-                log.warning("device %r failed to adapt its initializer: %r", cid, reply.error.reason)
-                continue
             try:
-                metrics: dict[str, Any] = wire.parse_metrics(from_records(reply.content))
+                metrics: dict[str, Any] = take_metrics(reply)
             except FedfuseError as exc:
-                log.warning("device %r sent unusable metrics: %r", cid, str(exc))
+                report.skip(cid, str(exc))
                 continue
             metrics |= {"uncertainty": float(post.uncertainty[j]), "novelty": float(post.novelty[j])}
             if post.low_confidence()[j]:
                 log.warning("device %r: descriptor far from every training task (novelty %.2f): its "
                             "initializer is close to the population's", cid, metrics["novelty"])
             self.store.record_metrics(cid, self.run, metrics)
+            report.personalized.append(cid)
             results[cid] = metrics
-        print_personalized(results, family.score)
         return results
+
+
+@dataclass
+class PersonalizeReport:
+    personalized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # client id (or node) -> reason
+
+    def skip(self, who: str, reason: str) -> None:
+        self.skipped[who] = reason
+        log.warning("personalize: skipped %s: %r", who, reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"personalized": self.personalized, "skipped": self.skipped}
+
+
+def take_description(reply: Message, family: TaskFamily) -> tuple[str, list[float]]:
+    """A DESCRIBE reply's client id and descriptor, inside the family's domain; else
+    MessageRejected (or DescriptorError) saying why."""
+    if reply.has_error():
+        raise MessageRejected(f"the device could not describe itself: {reply.error.reason}")
+    cid, tau = wire.parse_description(from_records(reply.content), family.descriptor.length)
+    family.descriptor.check(tau)
+    return cid, tau
+
+
+def take_metrics(reply: Message) -> dict[str, float]:
+    """A PERSONALIZE reply's metrics, every one a finite number within bounds; else
+    MessageRejected saying why."""
+    if reply.has_error():
+        raise MessageRejected(f"the device failed to adapt its initializer: {reply.error.reason}")
+    return wire.parse_metrics(from_records(reply.content))
 
 
 def meta_model(cfg: RunConfig, family: TaskFamily, pmap: ParallelMap | None = None,
@@ -223,7 +316,7 @@ def fit(store: ModelStore, cfg: RunConfig, pmap: ParallelMap | None = None, prog
     probe = family.probe(cfg.seed)
     kept, report = screen(zoo, probe, threshold=cfg.screen)
     if report.excluded:
-        log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.excluded)
+        log.warning("fit: excluded %d outlying models: %r", len(report.excluded), report.reasons)
     log.info("fit: %d models of %s", len(kept), zoo.spec)
     previous = store.load_meta_model() if cfg.fit_mode == "incremental" and store.meta_model_entry() else None
     model = meta_model(cfg, family, pmap or make_pmap(cfg), progress).fit(kept, probe=probe, previous=previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedfuse.tasks import Score
@@ -16,8 +17,8 @@ def personalized_table(results: dict[str, dict[str, Any]], score: Score) -> Tabl
     for col in ("device", "shots", "ours 0-shot", "adapted", "cold 0-shot", "cold tuned", "uncert."):
         table.add_column(col, justify="right", no_wrap=True)
     cell = lambda v: f"{v:.{score.digits}f}"  # noqa: E731
-    for cid, m in sorted(results.items()):
-        table.add_row(cid, str(int(m["shots"])), *(cell(m[k]) for k in (
+    for cid, m in sorted(results.items()):  # a client's id is text, never markup
+        table.add_row(escape(cid), str(int(m["shots"])), *(cell(m[k]) for k in (
             "score-0shot", "score-adapted", "cold-score-0shot", "cold-score-adapted")), f"{m['uncertainty']:.3f}")
     if results:
         mean = lambda k: sum(m[k] for m in results.values()) / len(results)  # noqa: E731

@@ -5,7 +5,9 @@ architecture, client id, example count), ``meta_model-<version>.safetensors``, `
 ``readers.lock`` and ``quarantine/``. Every write goes to a new file (temp name, fsync, rename,
 fsync of the folder); the index row is switched to it in one SQLite transaction. A crash at any
 point leaves the index pointing at a complete file, the old one or the new one. Entries are keyed
-by the client's own id: an upload from a known id replaces its entry.
+by the client's own id: an upload from a known id replaces its entry, but only if it comes from
+the device (node identity) that first uploaded that id; the binding is kept in the index and in
+each upload file's header, so a rebuilt index keeps it too.
 
 Nothing an index row might still need is ever deleted. A superseded file is deleted only while
 no reader holds ``readers.lock``, so a reader sees its rows and their files as one snapshot. When
@@ -83,6 +85,12 @@ CREATE TABLE IF NOT EXISTS superseded (
     file TEXT PRIMARY KEY,
     since REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bindings (
+    client_id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    bound REAL NOT NULL,
+    run TEXT
+);
 CREATE TABLE IF NOT EXISTS quarantined (
     file TEXT PRIMARY KEY,
     client_id TEXT,
@@ -92,6 +100,11 @@ CREATE TABLE IF NOT EXISTS quarantined (
     quarantined REAL NOT NULL
 );
 """
+
+
+def bound_elsewhere(client_id: str) -> MessageRejected:
+    """The refusal a device gets for a client id another device uploaded first."""
+    return MessageRejected(f"client id {client_id!r} is bound to another device")
 
 
 def _sha256(path: Path) -> str:
@@ -283,14 +296,19 @@ class ModelStore:
             if not isinstance(cid, str):
                 self._quarantine_file(db, path, "its header names no client (found while rebuilding the index)")
                 continue
+            node, run = meta.get("node"), meta.get("run")
             by_client.setdefault(cid, []).append((path.stat().st_mtime, path.name, hashlib.sha256(data).hexdigest(),
-                                                  n_examples if isinstance(n_examples, int) else 0))
+                                                  n_examples if isinstance(n_examples, int) else 0,
+                                                  node if isinstance(node, str) else None,
+                                                  run if isinstance(run, str) else None))
         for cid, files in by_client.items():
-            *older, (mtime, name, digest, n_examples) = sorted(files)
-            for _, old, _, _ in older:
-                self._quarantine_file(db, self.root / "uploads" / old,
+            *older, (mtime, name, digest, n_examples, node, run) = sorted(files)
+            for old in older:
+                self._quarantine_file(db, self.root / "uploads" / old[1],
                                       f"an older upload of client {cid!r} found while rebuilding the index")
             db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?)", (cid, f"uploads/{name}", digest, n_examples, mtime))
+            if node is not None:  # a binding the old index held is kept (carried over by rebuild_index)
+                db.execute("INSERT OR IGNORE INTO bindings VALUES (?, ?, ?, ?)", (cid, node, mtime, run))
         if by_client:
             log.warning("the index of the store at %s held no uploads: rebuilt %d entries from the "
                         "upload files", self.root, len(by_client))
@@ -354,25 +372,56 @@ class ModelStore:
 
     # -- uploads --------------------------------------------------------------------------------
     @_storage_errors
-    def put(self, upload: Upload) -> None:
-        """Store (or replace) one client's upload; returns once it is durable."""
+    def put(self, upload: Upload, node: str | None = None, run: str | None = None) -> None:
+        """Store (or replace) one client's upload; returns once it is durable. ``node``: the
+        identity of the device that sent it. The first device to upload a client id is bound to
+        it; an upload under that id from any other device is refused (MessageRejected). A
+        binding made with ``run`` (a simulation's, whose nodes get new keys every run) holds for
+        that run only. Without ``node`` (the operator's own upload) nothing is bound or checked."""
         tensors = _as_stored(upload)
         key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
         rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
-        path = save_tensors(self.root / rel, tensors, {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
-                                                       "n_examples": upload.n_examples})
-        with self._db() as db:
-            row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
-            db.execute(
-                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
-                "file=excluded.file, sha256=excluded.sha256, n_examples=excluded.n_examples, "
-                "received=excluded.received",
-                (upload.client_id, rel, _sha256(path), upload.n_examples, time.time()),
-            )
-            if row:
-                db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+        meta: dict[str, Any] = {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
+                                "n_examples": upload.n_examples}
+        if node is not None:
+            meta |= {"node": node, "run": run}
+        path = save_tensors(self.root / rel, tensors, meta)
+        try:
+            with self._db() as db:
+                if node is not None:
+                    self._bind(db, upload.client_id, node, run)
+                row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
+                db.execute(
+                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "file=excluded.file, sha256=excluded.sha256, n_examples=excluded.n_examples, "
+                    "received=excluded.received",
+                    (upload.client_id, rel, _sha256(path), upload.n_examples, time.time()),
+                )
+                if row:
+                    db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+        except MessageRejected:
+            path.unlink()  # no row names it, and none ever will
+            raise
         if row:
             self._collect_superseded()
+
+    @staticmethod
+    def _bind(db: sqlite3.Connection, client_id: str, node: str, run: str | None) -> None:
+        """Bind ``client_id`` to ``node`` unless a binding in force names another device."""
+        bound = db.execute("SELECT node FROM bindings WHERE client_id = ? AND (run IS NULL OR run IS ?)",
+                           (client_id, run)).fetchone()
+        if bound is not None and bound[0] != node:
+            raise bound_elsewhere(client_id)
+        if bound is None:
+            db.execute("INSERT OR REPLACE INTO bindings VALUES (?, ?, ?, ?)", (client_id, node, time.time(), run))
+
+    @_storage_errors
+    def bindings(self, run: str | None = None) -> dict[str, str]:
+        """Client id -> the identity of the device it is bound to, for the bindings in force in
+        ``run``: the lasting ones, and those a simulation made in that run."""
+        with self._db(write=False) as db:
+            rows = db.execute("SELECT client_id, node FROM bindings WHERE run IS NULL OR run IS ?", (run,))
+            return dict(rows.fetchall())
 
     @_storage_errors
     def ids(self) -> list[str]:
@@ -499,7 +548,9 @@ class ModelStore:
 
     @_storage_errors
     def remove(self, client_id: str) -> None:
-        """Drop a client's entry (`fedfuse store rm`); its file is kept under quarantine/."""
+        """Drop a client's entry (`fedfuse store rm`); its file is kept under quarantine/. The
+        id is released: the next device to upload it is bound to it (the way back for a device
+        that lost its key and was registered anew)."""
         self._retire(client_id, None)
 
     def _retire(self, client_id: str, reason: str | None) -> None:
@@ -524,7 +575,9 @@ class ModelStore:
             fsync_dir(dest.parent)
             db.execute("DELETE FROM uploads WHERE client_id = ?", (client_id,))
             db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
-            if reason is not None:
+            if reason is None:
+                db.execute("DELETE FROM bindings WHERE client_id = ?", (client_id,))
+            else:
                 db.execute("INSERT OR REPLACE INTO quarantined VALUES (?, ?, ?, ?, ?, ?)",
                            (f"quarantine/{dest.name}", client_id, row[1], row[2], reason, time.time()))
         self._collect_superseded()
@@ -642,7 +695,7 @@ def _carry_over(backup: Path, index: Path) -> None:
             log.warning("the old index %s is unreadable (%s): rounds, metrics and quarantine records "
                         "are not carried over", backup, exc)
             return
-        for table in ("rounds", "metrics", "quarantined", "superseded", "meta_model"):
+        for table in ("rounds", "metrics", "quarantined", "superseded", "meta_model", "bindings"):
             try:
                 db.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")
             except sqlite3.DatabaseError as exc:

@@ -73,6 +73,7 @@ MAX_ARCH_JSON = 4096
 MAX_WEIGHTS = 50_000_000  # 200 MB of float32
 MAX_ABS_WEIGHT = 1e4  # a trained weight this large means a broken or hostile model
 MAX_ABS_TAU = 1e30  # far inside float32, so a stored descriptor stays finite
+MAX_ABS_METRIC = 1e6  # a score or count beyond this means a broken or hostile device; it would swamp every mean
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,7 @@ def parse_upload(payload: Payload, expected: Architecture, tau_dim: int) -> Uplo
     if missing:
         raise MessageRejected(f"missing metadata keys {sorted(missing)}")
     cid = parse_client_id(meta)
-    spec = _parse_arch(meta["arch"])
-    if spec != expected:
-        raise MessageRejected(f"architecture {spec} does not match the federation's {expected}")
+    spec = _parse_arch(meta["arch"], expected)
     n_ex = meta["n-examples"]
     if not isinstance(n_ex, int) or isinstance(n_ex, bool) or n_ex < 0:
         raise MessageRejected(f"n-examples must be a non-negative integer, got {str(n_ex)[:40]!r}")
@@ -205,8 +204,9 @@ def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
         readout = ReadoutGaussian(flat[spec.readout_index.flatten()][None],
                                   torch.from_numpy(factor.copy())[None], torch.from_numpy(diag.copy())[None])
     unc, nov = (payload.config.get(k, math.nan) for k in ("uncertainty", "novelty"))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (unc, nov)):
-        raise MessageRejected("uncertainty and novelty must be numbers")
+    if not all(isinstance(v, float) or isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53
+               for v in (unc, nov)):
+        raise MessageRejected("uncertainty and novelty must be numbers (whole ones at most 2**53)")
     return Initializer(flat, readout, float(unc), float(nov))
 
 
@@ -315,9 +315,10 @@ def parse_metrics(payload: Payload) -> dict[str, float]:
         raise MessageRejected(f"a metrics reply carries exactly {list(METRIC_KEYS)}")
     out = {}
     for key in METRIC_KEYS:
-        value = m[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise MessageRejected(f"metric {key} must be a finite number, got {str(value)[:40]!r}")
+        value = m[key]  # abs(v) <= limit: False for NaN, compares a huge int exactly (no float overflow)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= MAX_ABS_METRIC:
+            raise MessageRejected(f"metric {key} must be a finite number within ±{MAX_ABS_METRIC:g}, "
+                                  f"got {str(value)[:40]!r}")
         out[key] = float(value)
     return out
 
@@ -348,15 +349,26 @@ def parse_tau(meta: Mapping[str, Any], tau_dim: int) -> list[float]:
     return values
 
 
-def _parse_arch(text: Any) -> Architecture:
+def _parse_arch(text: Any, expected: Architecture) -> Architecture:
+    """The federation's architecture if ``text`` describes it; else MessageRejected saying what
+    differs. A module architecture is never built from a device's description (building runs its
+    constructor on whatever sizes the sender chose); MLPs and vectors are plain numbers."""
     if not isinstance(text, str) or len(text) > MAX_ARCH_JSON:
         raise MessageRejected(f"arch must be a JSON string of at most {MAX_ARCH_JSON} characters")
     try:
-        spec = architectures.from_dict(json.loads(text))
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MessageRejected(f"bad architecture: not JSON ({str(exc)[:80]})") from exc
+    if data == json.loads(json.dumps(expected.to_dict())):
+        return expected
+    if isinstance(data, dict) and data.get("kind") == "module":
+        raise MessageRejected(f"architecture {text[:200]!r} does not match the federation's {expected}")
+    try:
+        spec = architectures.from_dict(data)
     except (ValueError, ArchitectureError) as exc:
         raise MessageRejected(f"bad architecture: {str(exc)[:200]}") from exc
-    if spec.num_weights > MAX_WEIGHTS:
-        raise MessageRejected(f"architecture {spec} has {spec.num_weights} weights; at most {MAX_WEIGHTS}")
+    if spec != expected:
+        raise MessageRejected(f"architecture {spec} does not match the federation's {expected}")
     return spec
 
 
@@ -388,10 +400,12 @@ def _decode_npy(data: Any, what: str) -> np.ndarray:
         if version not in readers:
             raise ValueError(f"npy format version {version}")
         shape, fortran, dtype = readers[version](fh)
-    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+    except (ValueError, TypeError, SyntaxError, EOFError, RecursionError) as exc:
         raise MessageRejected(f"{what}: not a readable npy array ({str(exc)[:80]})") from exc
     if dtype.hasobject or dtype.kind != "f" or dtype.itemsize > 8:
         raise MessageRejected(f"{what} must be float16/32/64, got {dtype}")
+    if any(n < 0 for n in shape):
+        raise MessageRejected(f"{what}: header declares negative dimensions {shape}")
     count = math.prod(shape)
     if count > MAX_WEIGHTS or len(data) - fh.tell() != count * dtype.itemsize:
         raise MessageRejected(f"{what}: header declares shape {shape} of {dtype} but {len(data) - fh.tell()} "

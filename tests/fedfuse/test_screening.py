@@ -5,6 +5,7 @@ from fedfuse.meta_model import MetaModel
 from fedfuse.screening import screen
 from fedfuse.tasks import sine
 from fedfuse.zoo import ModelZoo
+from fedfuse_sim.poisoning import colluders, extreme_descriptor
 
 PROBE = torch.linspace(-5, 5, 32)[:, None]
 
@@ -59,3 +60,21 @@ def test_poisoned_zoo_after_screening_personalizes_within_10_percent_of_clean():
     assert abs(screened - clean) <= 0.1 * clean
     unscreened = zero_shot(poisoned)
     assert unscreened > screened  # what the screening saved
+
+
+@pytest.mark.parametrize("kind, spread", [("flip", 0.03), ("flip", 0.3), ("phase", 0.03), ("phase", 0.3)])
+def test_colluders_claiming_nearby_descriptors_cannot_vouch_for_each_other(small_sine_zoo, kind, spread):
+    _, zoo = small_sine_zoo
+    attacked = colluders(4, kind, spread, seed=3, steps=300).upon(zoo)  # 4 of 34: 12 %
+    kept, report = screen(attacked, PROBE)
+    assert sorted(report.excluded) == [f"bad-{j}" for j in range(4)]  # every colluder, no honest model
+    assert kept.ids == zoo.ids
+
+
+def test_an_extreme_descriptor_is_excluded_and_leaves_the_others_judged_as_before(small_sine_zoo):
+    tasks, zoo = small_sine_zoo
+    kept, report = screen(extreme_descriptor(tasks, zoo).upon(zoo), PROBE)
+    assert report.excluded == ["bad-0"] and "robust scales from every other one" in report.reasons["bad-0"]
+    assert kept.ids == zoo.ids
+    clean = screen(zoo, PROBE)[1].scores  # robust scales: the others' neighbourhoods barely move
+    assert sorted(abs(report.scores[i] - clean[i]) for i in zoo.ids)[len(zoo) // 2] < 0.5

@@ -177,3 +177,75 @@ def test_fuzzed_single_fields_are_refused_or_taken_exactly_as_sent(change):
         sent = {**GOOD.config, **change}
         assert up.client_id == sent["client-id"] and up.n_examples == sent["n-examples"]
         assert up.tau == [float(t) for t in sent["tau"]] and up.spec == SPEC
+
+
+# -- whole Flower messages, as any sender could make them -----------------------------------------
+PROPERTY = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def _initializer_content() -> RecordDict:
+    p = SPEC.readout_index.numel()
+    return to_records(wire.Payload(
+        arrays={wire.FLAT: np.zeros(SPEC.num_weights, np.float32), wire.READOUT_FACTOR: np.ones((p, 3), np.float32),
+                wire.READOUT_DIAG: np.full(p, 0.1, np.float32)},
+        config={"uncertainty": 0.1, "novelty": 0.2}))
+
+
+INITIALIZERS = st.builds(_initializer_content)
+RECEIPTS = st.builds(lambda ok, why: to_records(wire.receipt(ok, why)), st.booleans(), st.text(max_size=20))
+
+
+@settings(PROPERTY, max_examples=1500)
+@given(data=st.data())
+def test_any_initializer_message_is_taken_or_refused_with_a_reason(flower_messages, data):
+    content = data.draw(flower_messages.contents(INITIALIZERS))
+    try:
+        init = wire.parse_initializer(from_records(content), SPEC)
+    except MessageRejected as exc:
+        assert str(exc).strip()
+    else:
+        assert init.weights.shape == (SPEC.num_weights,) and torch.isfinite(init.weights).all()
+
+
+@settings(PROPERTY, max_examples=1000)
+@given(data=st.data())
+def test_any_receipt_message_is_taken_or_refused_with_a_reason(flower_messages, data):
+    try:
+        accepted, reason = wire.parse_receipt(from_records(data.draw(flower_messages.contents(RECEIPTS))))
+    except MessageRejected as exc:
+        assert str(exc).strip()
+    else:
+        assert isinstance(accepted, bool) and isinstance(reason, str)
+
+
+@pytest.mark.parametrize("arch, reason", [
+    ("[" * 2000 + "]" * 2000, "bad architecture"),  # deeper than the JSON parser's recursion
+    (json.dumps({"kind": "module", "name": "small-cnn", "config": {"hidden": -3}}), "does not match"),
+    (json.dumps({"kind": "module", "name": "small-cnn", "config": {"channels": [4096, 4096], "kernel": 64}}),
+     "does not match"),  # never built: a 64 GB module
+])
+def test_an_architecture_the_federation_did_not_pin_is_refused_unbuilt(arch, reason):
+    with pytest.raises(MessageRejected, match=reason):
+        _parse(_with(config={"arch": arch}))
+
+
+def test_an_npy_header_with_negative_dimensions_is_refused():
+    content = to_records(GOOD)
+    data = _npy_bytes((-1, -13), body=b"\0" * 52)
+    content["arrays"] = ArrayRecord({wire.FLAT: Array(dtype="float32", shape=(13,), stype="numpy.ndarray", data=data)})
+    with pytest.raises(MessageRejected, match="negative"):
+        wire.parse_upload(from_records(content), SPEC, 2)
+
+
+@pytest.mark.parametrize("value", [10**400, 1e300, -1e300, float("nan")])
+def test_metrics_beyond_any_score_are_refused(value):
+    metrics = {**dict(zip(wire.METRIC_KEYS, (10, 0.1, 0.1, 0.1, 0.1))), "score-adapted": value}
+    with pytest.raises(MessageRejected, match="finite number within"):
+        wire.parse_metrics(from_records(RecordDict({"metrics": MetricRecord(metrics)})))
+
+
+def test_an_initializer_with_a_huge_integer_is_refused():
+    content = _initializer_content()
+    content["config"]["novelty"] = 10**400
+    with pytest.raises(MessageRejected, match="uncertainty and novelty"):
+        wire.parse_initializer(from_records(content), SPEC)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedfuse.tasks import DeviceConfig, get_family
 from fedfuse_deploy.credentials import make_certificates
@@ -24,7 +25,7 @@ def _devices(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_tls_deployment_collect_fit_restart_and_personalize_a_late_node(tmp_path):
+def test_tls_deployment_collect_restart_refuse_an_impostor_fit_and_personalize_a_late_node(tmp_path):
     dep = LocalDeployment(tmp_path / "deploy")
     data = _devices(tmp_path)
     store = tmp_path / "store"
@@ -38,11 +39,22 @@ def test_tls_deployment_collect_fit_restart_and_personalize_a_late_node(tmp_path
         assert "Successfully started run" in out
         assert ModelStore(store).ids() == ["sine-00000", "sine-00001", "sine-00002"]
 
-        # the server dies hard between collect and fit; the fit after a restart finds every upload
+        owners = ModelStore(store).bindings()
+        first = ModelStore(store).zoo().weights
+        assert len(set(owners.values())) == 3 and all(v.startswith("key:") for v in owners.values())
+
+        # the server dies hard between collect and fit; after a restart a registered node claims
+        # device 0's id: refused, while the devices' own re-uploads are taken; the fit finds every upload
         dep.kill_superlink()
         assert not port_open(dep.host, dep.superlink.port)
         dep.start_superlink()
-        dep.run(APP, f"phase='fit' store='{store}' num-new=0 {SMALL}")
+        dep.add_supernode("impostor", data[1], client_id="sine-00000")
+        ports.append(dep.supernodes["impostor"].port)
+        dep.run(APP, f"phase='collect,fit' store='{store}' num-new=0 quorum=0.5 {SMALL}")
+        rejected = ModelStore(store).rounds("collect")[-1]["rejected"]
+        assert list(rejected.values()) == ["client id 'sine-00000' is bound to another device"]
+        assert ModelStore(store).bindings() == owners
+        assert torch.allclose(ModelStore(store).zoo().weights, first, atol=1e-4)  # device 0's own model
         assert ModelStore(store).load_meta_model().ids_ == ["sine-00000", "sine-00001", "sine-00002"]
 
         # a new device joins later and is personalized
