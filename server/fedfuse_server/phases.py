@@ -73,13 +73,22 @@ class ServerRun:
         self.store = ModelStore(cfg.store)
 
     def phases(self) -> dict[str, Any]:
+        """Run the configured phases; each one's seconds are recorded in the store's rounds
+        table (phase ``phases``) even when one fails, so a benchmark reads them from the store."""
         log.info("store at %s; family %s; phases %s", self.store.root, self.family.name, self.cfg.phases)
         self.store.check_writable()  # a storage fault is named before any device is asked
         out: dict[str, Any] = {}
-        for phase in self.cfg.phases:
-            start = time.perf_counter()
-            out[phase] = getattr(self, phase)()
-            out[f"{phase}_seconds"] = time.perf_counter() - start
+        seconds: dict[str, float] = {}
+        try:
+            for phase in self.cfg.phases:
+                start = time.perf_counter()
+                try:
+                    out[phase] = getattr(self, phase)()
+                finally:
+                    seconds[phase] = out[f"{phase}_seconds"] = time.perf_counter() - start
+        finally:
+            self.store.record_round("phases", {"run": self.run, "seconds": seconds,
+                                               "completed": [p for p in self.cfg.phases if p in out]})
         return out
 
     # -- collect --------------------------------------------------------------------------------
@@ -91,6 +100,8 @@ class ServerRun:
         replies = list(self.grid.send_and_receive([_request(n, wire.UPLOAD) for n in nodes],
                                                   timeout=cfg.round_timeout))
         report, receipts, answered = CollectReport(), {}, set()
+        valid: dict[int, wire.Upload] = {}
+        seen: set[str] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
@@ -98,19 +109,17 @@ class ServerRun:
                 report.failed[node] = reply.error.reason
                 continue
             try:
-                receipts[node] = self._take_upload(reply, report)
-            except FedfuseError as exc:
-                reason = str(exc)
-                report.rejected[f"node {node}"] = reason
-                receipts[node] = wire.receipt(False, reason)
-                log.warning("rejected upload from node %s: %r", node, reason)
+                upload = self._parse_upload(reply, report, seen)
             except Exception as exc:  # one reply must never cost the round
-                log.exception("upload from node %s could not be handled", node)
-                report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
-                receipts[node] = wire.receipt(False, "the server could not store this upload")
+                receipts[node] = self._refuse(node, exc, report)
+                continue
+            if upload is not None:
+                valid[node] = upload
+                seen.add(upload.client_id)
+        receipts |= self._store_uploads(valid, report)
         for node in set(nodes) - answered:
             report.failed[node] = f"no reply within {cfg.round_timeout:.0f}s"
-        self._send_receipts({n: p for n, p in receipts.items() if p is not None})
+        self._send_receipts(receipts)
         self.store.record_round("collect", report.as_dict())
         contacted = len(nodes) - len(report.declined)
         log.info("collect: %d accepted, %d declined, %d rejected, %d failed", len(report.accepted),
@@ -121,19 +130,46 @@ class ServerRun:
                 f"asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored")
         return report
 
-    def _take_upload(self, reply: Message, report: CollectReport) -> wire.Payload | None:
-        """Store one device's upload; the receipt to send it (none for a decline)."""
+    def _parse_upload(self, reply: Message, report: CollectReport, pending: set[str]) -> wire.Upload | None:
+        """One device's upload, checked (``None`` for a decline); stored with the round's others."""
         payload = from_records(reply.content)
         if wire.is_decline(payload):
             report.declined.append(wire.parse_client_id(payload.config))
             return None
         upload = wire.parse_upload(payload, self.family.arch, self.family.descriptor.length)
         self.family.descriptor.check(upload.tau)
-        if upload.client_id in report.accepted:
+        if upload.client_id in pending:
             raise MessageRejected(f"client id {upload.client_id!r} was already uploaded in this round")
-        self.store.put(upload)
-        report.accepted.append(upload.client_id)
-        return wire.receipt(True)
+        return upload
+
+    @staticmethod
+    def _refuse(node: int, exc: Exception, report: CollectReport) -> wire.Payload:
+        """The receipt refusing one upload, saying why: the device's fault in its own words, the
+        server's without its details."""
+        if isinstance(exc, FedfuseError):
+            reason = str(exc)
+            log.warning("rejected upload from node %s: %r", node, reason)
+            report.rejected[f"node {node}"] = reason
+            return wire.receipt(False, reason)
+        log.error("upload from node %s could not be handled", node, exc_info=exc)
+        report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
+        return wire.receipt(False, "the server could not store this upload")
+
+    def _store_uploads(self, valid: dict[int, wire.Upload], report: CollectReport) -> dict[int, wire.Payload]:
+        """Store the round's valid uploads in one transaction (:meth:`ModelStore.put_many`); every
+        receipt is sent only after that, so an acknowledged upload is durable."""
+        try:
+            refused: list[Exception | None] = list(self.store.put_many(list(valid.values())))
+        except Exception as exc:  # the store failed: no upload of this round is stored
+            refused = [exc] * len(valid)
+        receipts = {}
+        for (node, upload), exc in zip(valid.items(), refused):
+            if exc is None:
+                report.accepted.append(upload.client_id)
+                receipts[node] = wire.receipt(True)
+            else:
+                receipts[node] = self._refuse(node, exc, report)
+        return receipts
 
     def _send_receipts(self, receipts: dict[int, wire.Payload]) -> None:
         """Tell every device that uploaded whether its upload was stored and, if not, why."""

@@ -28,7 +28,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, Iterator, ParamSpec, Sequence, TypeVar
 
 import torch
 
@@ -356,23 +356,50 @@ class ModelStore:
     @_storage_errors
     def put(self, upload: Upload) -> None:
         """Store (or replace) one client's upload; returns once it is durable."""
-        tensors = _as_stored(upload)
-        key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
-        rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
-        path = save_tensors(self.root / rel, tensors, {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
-                                                       "n_examples": upload.n_examples})
+        refused = self.put_many([upload])[0]
+        if refused is not None:
+            raise refused
+
+    @_storage_errors
+    def put_many(self, uploads: Sequence[Upload]) -> list[MessageRejected | None]:
+        """Store (or replace) a round's uploads; returns once every stored one is durable, with
+        the reason each refused one was not stored (``None`` where it was). Each file is written
+        and fsynced, the folder fsynced once and every row switched in one SQLite transaction:
+        one commit per round instead of one per upload (29 ms each on the 2-core machine). A later
+        upload of the same client in one call supersedes the earlier."""
+        refused: list[MessageRejected | None] = []
+        written: list[tuple[Upload, str, str]] = []
+        for upload in uploads:
+            try:
+                tensors = _as_stored(upload)
+            except MessageRejected as exc:
+                refused.append(exc)
+                continue
+            refused.append(None)
+            key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
+            rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
+            path = save_tensors(self.root / rel, tensors, {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
+                                                           "n_examples": upload.n_examples}, sync_dir=False)
+            written.append((upload, rel, _sha256(path)))
+        if not written:
+            return refused
+        fsync_dir(self.root / "uploads")  # every file's name is durable before a row names it
+        superseded = False
         with self._db() as db:
-            row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
-            db.execute(
-                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
-                "file=excluded.file, sha256=excluded.sha256, n_examples=excluded.n_examples, "
-                "received=excluded.received",
-                (upload.client_id, rel, _sha256(path), upload.n_examples, time.time()),
-            )
-            if row:
-                db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
-        if row:
+            for upload, rel, digest in written:
+                row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
+                db.execute(
+                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "file=excluded.file, sha256=excluded.sha256, n_examples=excluded.n_examples, "
+                    "received=excluded.received",
+                    (upload.client_id, rel, digest, upload.n_examples, time.time()),
+                )
+                if row:
+                    db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
+                    superseded = True
+        if superseded:
             self._collect_superseded()
+        return refused
 
     @_storage_errors
     def ids(self) -> list[str]:
