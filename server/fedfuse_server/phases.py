@@ -115,13 +115,22 @@ class ServerRun:
         self.scope = run if isinstance(grid, InMemoryGrid) else None
 
     def phases(self) -> dict[str, Any]:
+        """Run the configured phases; each one's seconds are recorded in the store's rounds
+        table (phase ``phases``) even when one fails, so a benchmark reads them from the store."""
         log.info("store at %s; family %s; phases %s", self.store.root, self.family.name, self.cfg.phases)
         self.store.check_writable()  # a storage fault is named before any device is asked
         out: dict[str, Any] = {}
-        for phase in self.cfg.phases:
-            start = time.perf_counter()
-            out[phase] = getattr(self, phase)()
-            out[f"{phase}_seconds"] = time.perf_counter() - start
+        seconds: dict[str, float] = {}
+        try:
+            for phase in self.cfg.phases:
+                start = time.perf_counter()
+                try:
+                    out[phase] = getattr(self, phase)()
+                finally:
+                    seconds[phase] = out[f"{phase}_seconds"] = time.perf_counter() - start
+        finally:
+            self.store.record_round("phases", {"run": self.run, "seconds": seconds,
+                                               "completed": [p for p in self.cfg.phases if p in out]})
         return out
 
     # -- collect --------------------------------------------------------------------------------
@@ -135,6 +144,7 @@ class ServerRun:
         replies = list(self.grid.send_and_receive([_request(n, wire.UPLOAD) for n in nodes],
                                                   timeout=cfg.round_timeout))
         report, receipts, answered = CollectReport(), {}, set()
+        valid: dict[int, tuple[wire.Upload, str]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in asked:
@@ -146,21 +156,18 @@ class ServerRun:
                 report.failed[node] = reply.error.reason
                 log.warning("node %s failed to upload: %r", node, reply.error.reason)
                 continue
+            identity = who.get(node, f"node:{node}")
             try:
-                receipts[node] = self._take_upload(reply, who.get(node, f"node:{node}"), claims, report)
-            except FedfuseError as exc:
-                reason = str(exc)
-                report.rejected[f"node {node}"] = reason
-                receipts[node] = wire.receipt(False, reason)
-                log.warning("rejected upload from node %s: %r", node, reason)
+                upload = self._parse_upload(reply, identity, claims, report)
             except Exception as exc:  # one reply must never cost the round
-                log.error("upload from node %s could not be handled: %r", node, exc)
-                log.debug("upload from node %s could not be handled", node, exc_info=True)
-                report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
-                receipts[node] = wire.receipt(False, "the server could not store this upload")
+                receipts[node] = self._refuse(node, exc, report)
+                continue
+            if upload is not None:
+                valid[node] = (upload, identity)
+        receipts |= self._store_uploads(valid, report)
         for node in asked - answered:
             report.failed[node] = f"no reply within {cfg.round_timeout:.0f}s"
-        self._send_receipts({n: p for n, p in receipts.items() if p is not None})
+        self._send_receipts(receipts)
         self.store.record_round("collect", report.as_dict())
         contacted = len(nodes) - len(report.declined)
         log.info("collect: %d accepted, %d declined, %d rejected, %d failed", len(report.accepted),
@@ -171,11 +178,11 @@ class ServerRun:
                 f"asked (quorum {cfg.quorum:.0%}); the {len(report.accepted)} accepted are stored")
         return report
 
-    def _take_upload(self, reply: Message, identity: str, claims: Claims,
-                     report: CollectReport) -> wire.Payload | None:
-        """Store the upload of the device ``identity``; the receipt to send it (none for a
-        decline). Its client id is claimed before anything else is read, so that a later claim
-        of the id in this round is refused even where this upload is."""
+    def _parse_upload(self, reply: Message, identity: str, claims: Claims,
+                      report: CollectReport) -> wire.Upload | None:
+        """The upload of the device ``identity``, checked (``None`` for a decline); stored with
+        the round's others. Its client id is claimed before anything else is read, so that a
+        later claim of the id in this round is refused even where this upload is."""
         payload = from_records(reply.content)
         if wire.is_decline(payload):
             report.declined.append(wire.parse_client_id(payload.config))
@@ -183,9 +190,40 @@ class ServerRun:
         claims.claim(wire.parse_client_id(payload.config), identity)
         upload = wire.parse_upload(payload, self.family.arch, self.family.descriptor.length)
         self.family.descriptor.check(upload.tau)
-        self.store.put(upload, node=identity, run=self.scope)
-        report.accepted.append(upload.client_id)
-        return wire.receipt(True)
+        return upload
+
+    @staticmethod
+    def _refuse(node: int, exc: Exception, report: CollectReport) -> wire.Payload:
+        """The receipt refusing one upload, saying why: the device's fault in its own words, the
+        server's without its details."""
+        if isinstance(exc, FedfuseError):
+            reason = str(exc)
+            log.warning("rejected upload from node %s: %r", node, reason)
+            report.rejected[f"node {node}"] = reason
+            return wire.receipt(False, reason)
+        log.error("upload from node %s could not be handled: %r", node, exc)
+        log.debug("upload from node %s could not be handled", node, exc_info=exc)
+        report.rejected[f"node {node}"] = f"server error: {type(exc).__name__}"
+        return wire.receipt(False, "the server could not store this upload")
+
+    def _store_uploads(self, valid: dict[int, tuple[wire.Upload, str]],
+                       report: CollectReport) -> dict[int, wire.Payload]:
+        """Store the round's valid uploads in one transaction (:meth:`ModelStore.put_many`); every
+        receipt is sent only after that, so an acknowledged upload is durable."""
+        uploads = [u for u, _ in valid.values()]
+        try:
+            refused: list[Exception | None] = list(self.store.put_many(
+                uploads, nodes=[who for _, who in valid.values()], run=self.scope))
+        except Exception as exc:  # the store failed: no upload of this round is stored
+            refused = [exc] * len(valid)
+        receipts = {}
+        for (node, (upload, _)), exc in zip(valid.items(), refused):
+            if exc is None:
+                report.accepted.append(upload.client_id)
+                receipts[node] = wire.receipt(True)
+            else:
+                receipts[node] = self._refuse(node, exc, report)
+        return receipts
 
     def _send_receipts(self, receipts: dict[int, wire.Payload]) -> None:
         """Tell every device that uploaded whether its upload was stored and, if not, why."""

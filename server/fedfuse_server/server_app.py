@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,6 +21,8 @@ def build_server_app(**overrides: Any) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedfuse_server").setLevel(logging.INFO)
         cfg = RunConfig.from_run_config(context.run_config, **overrides)
+        if cfg.server_threads:
+            torch.set_num_threads(cfg.server_threads)
         run_phases(grid, cfg, run=str(context.run_id))
 
     return app

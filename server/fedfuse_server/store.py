@@ -30,7 +30,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, Iterator, ParamSpec, Sequence, TypeVar
 
 import torch
 
@@ -378,18 +378,50 @@ class ModelStore:
         it; an upload under that id from any other device is refused (MessageRejected). A
         binding made with ``run`` (a simulation's, whose nodes get new keys every run) holds for
         that run only. Without ``node`` (the operator's own upload) nothing is bound or checked."""
-        tensors = _as_stored(upload)
-        key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
-        rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
-        meta: dict[str, Any] = {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
-                                "n_examples": upload.n_examples}
-        if node is not None:
-            meta |= {"node": node, "run": run}
-        path = save_tensors(self.root / rel, tensors, meta)
-        try:
-            with self._db() as db:
+        refused = self.put_many([upload], nodes=[node], run=run)[0]
+        if refused is not None:
+            raise refused
+
+    @_storage_errors
+    def put_many(self, uploads: Sequence[Upload], nodes: Sequence[str | None] | None = None,
+                 run: str | None = None) -> list[MessageRejected | None]:
+        """Store (or replace) a round's uploads, ``nodes[i]`` the device that sent ``uploads[i]``
+        (bound and checked as in :meth:`put`); returns once every stored one is durable, with
+        the reason each refused one was not stored (``None`` where it was). Each file is written
+        and fsynced, the folder fsynced once and every row switched in one SQLite transaction:
+        one commit per round instead of one per upload (29 ms each on the 2-core machine). A later
+        upload of the same client in one call supersedes the earlier."""
+        nodes = list(nodes) if nodes is not None else [None] * len(uploads)
+        refused: list[MessageRejected | None] = []
+        written: list[tuple[int, Upload, str | None, Path, str]] = []
+        for i, (upload, node) in enumerate(zip(uploads, nodes, strict=True)):
+            try:
+                tensors = _as_stored(upload)
+            except MessageRejected as exc:
+                refused.append(exc)
+                continue
+            refused.append(None)
+            key = hashlib.sha256(upload.client_id.encode()).hexdigest()[:32]
+            rel = f"uploads/{key}-{uuid.uuid4().hex[:12]}.safetensors"
+            meta: dict[str, Any] = {"client_id": upload.client_id, "spec": upload.spec.to_dict(),
+                                    "n_examples": upload.n_examples}
+            if node is not None:
+                meta |= {"node": node, "run": run}
+            path = save_tensors(self.root / rel, tensors, meta, sync_dir=False)
+            written.append((i, upload, node, path, rel))
+        if not written:
+            return refused
+        fsync_dir(self.root / "uploads")  # every file's name is durable before a row names it
+        superseded = False
+        with self._db() as db:
+            for i, upload, node, path, rel in written:
                 if node is not None:
-                    self._bind(db, upload.client_id, node, run)
+                    try:
+                        self._bind(db, upload.client_id, node, run)
+                    except MessageRejected as exc:
+                        refused[i] = exc
+                        path.unlink()  # no row names it, and none ever will
+                        continue
                 row = db.execute("SELECT file FROM uploads WHERE client_id = ?", (upload.client_id,)).fetchone()
                 db.execute(
                     "INSERT INTO uploads VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
@@ -399,11 +431,10 @@ class ModelStore:
                 )
                 if row:
                     db.execute("INSERT INTO superseded VALUES (?, ?)", (row[0], time.time()))
-        except MessageRejected:
-            path.unlink()  # no row names it, and none ever will
-            raise
-        if row:
+                    superseded = True
+        if superseded:
             self._collect_superseded()
+        return refused
 
     @staticmethod
     def _bind(db: sqlite3.Connection, client_id: str, node: str, run: str | None) -> None:

@@ -18,10 +18,13 @@ from fedfuse.errors import FedfuseError
 _META_KEY = "fedfuse"
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                 sync_dir: bool = True) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to ``path``: temp file in the same folder, fsync,
     rename, fsync the folder; a reader never sees a half-written file, and once this returns the
-    file survives a power failure (so an index entry written afterwards never names a lost file)."""
+    file survives a power failure (so an index entry written afterwards never names a lost file).
+    ``sync_dir=False`` leaves the folder's fsync to a caller that writes many files into it and
+    syncs it once before it names any of them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,7 +35,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -115,7 +115,10 @@ class MetaModel:
 
     Settings are stored as given and read back from the signature (scikit-learn's
     ``get_params`` contract); everything learned ends in ``_``. ``pmap`` fans the per-model
-    alignment out (serial by default; the server passes Ray's). ``function_space=False`` keeps
+    alignment out (serial by default; the server passes Ray's). ``gp_blocks``: how many random
+    PIC blocks each hyperparameter step sees (their sums rescaled to the whole prior; ``None``:
+    all): a step then costs the same at any ``n``, and zoos of up to ``gp_blocks`` blocks (about
+    2,500 models at 40 per block) take every block, as a full step does. ``function_space=False`` keeps
     the paper's decoded initializer (the ablation); ``kernel`` picks the descriptor kernel of the
     function-space GP (``auto``: by leave-one-out); ``likelihood`` says what the outputs are
     (``gaussian`` values or ``softmax`` logits). ``refit_*`` govern :meth:`fit` with a
@@ -137,6 +140,7 @@ class MetaModel:
         min_rounds: int = 3,
         steps_per_round: int = 250,
         gp_steps: int = 10,
+        gp_blocks: int | None = 64,
         lr: float = 3e-3,
         gp_lr: float = 0.05,
         batch_size: int = 256,
@@ -167,6 +171,7 @@ class MetaModel:
         self.min_rounds = min_rounds
         self.steps_per_round = steps_per_round
         self.gp_steps = gp_steps
+        self.gp_blocks = gp_blocks
         self.lr = lr
         self.gp_lr = gp_lr
         self.batch_size = batch_size

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -216,3 +217,20 @@ def test_an_incremental_refit_fits_new_models_into_the_previous_fit(small_sine_z
     # too much changed: a full refit instead
     half = MetaModel(**settings).fit(grown, probe=PROBE, previous=MetaModel(**settings).fit(zoo.subset(range(15)), probe=PROBE))
     assert half.refit_ == {}
+
+
+def test_gp_blocks_leave_small_zoos_as_they_were_and_subsample_larger_ones(fitted, small_sine_zoo):
+    """A zoo with no more PIC blocks than ``gp_blocks`` is fitted exactly as with every block
+    (no extra random draws); with more, each hyperparameter step sees ``gp_blocks`` of them."""
+    from fedfuse.fitter import _gp_blocks
+
+    _, zoo = small_sine_zoo
+    every = MetaModel(**FAST, gp_blocks=None).fit(zoo, probe=PROBE)
+    assert fitted.gp_blocks == 64 and fitted.module_.prior.num_blocks <= 64
+    assert [h["elbo"] for h in every.history_] == [h["elbo"] for h in fitted.history_]
+    torch.testing.assert_close(every.personalize([[2.0, 1.0]]).mean, fitted.personalize([[2.0, 1.0]]).mean,
+                               rtol=0, atol=0)
+    few = MetaModel(**FAST, block_size=5, gp_blocks=2).fit(zoo, probe=PROBE)
+    assert few.module_.prior.num_blocks > 2
+    assert len(_gp_blocks(few, torch.Generator().manual_seed(0))) == 2
+    assert all(math.isfinite(h["elbo"]) for h in few.history_)

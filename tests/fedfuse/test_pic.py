@@ -124,3 +124,40 @@ def test_frozen_prior_equals_the_full_one_and_differentiates_through_the_codes()
     mu.grad = None
     pic.expected_log_prob(mu, var).backward()
     torch.testing.assert_close(grad.double(), mu.grad.double())
+
+
+def test_every_block_given_is_the_full_objective_and_a_random_subset_estimates_it():
+    """The stochastic-block objective of the hyperparameter steps (``gp_blocks``): with every
+    block it is the full density, value and gradients; a random subset, rescaled, estimates it."""
+    tau, mu, var = _data(n=200)
+    pic = SparseLocalizedGP.from_descriptors(tau, 3, num_inducing=8, num_blocks=10, seed=1)
+    full = pic.expected_log_prob(mu, var)
+    grads = torch.autograd.grad(full, [pic.inducing, pic.kernel.base_kernel.raw_lengthscale, pic.raw_noise])
+    every = pic.expected_log_prob(mu, var, blocks=torch.randperm(10))  # any order
+    torch.testing.assert_close(every, full)
+    for g, h in zip(grads, torch.autograd.grad(every, [pic.inducing, pic.kernel.base_kernel.raw_lengthscale,
+                                                       pic.raw_noise])):
+        torch.testing.assert_close(g, h)
+    gen = torch.Generator().manual_seed(0)
+    estimates = torch.stack([pic.expected_log_prob(mu, var, blocks=torch.randperm(10, generator=gen)[:5]).detach()
+                             for _ in range(40)])
+    # the block sums are unbiased; the coupling through tau+ (log|C|, t^T C^-1 t) is a ratio estimate
+    assert abs(float(estimates.mean() / full.detach()) - 1) < 0.1
+    half = pic.expected_log_prob(mu, var, blocks=torch.arange(5))
+    assert torch.autograd.grad(half, pic.kernel.base_kernel.raw_lengthscale)[0].abs().sum() > 0
+
+
+def test_kmeans_seeding_is_scipys_kmeans_plus_plus():
+    """The O(n k) seeding draws the same centres as scipy's O(n k^2) one: blocks do not change."""
+    import numpy as np
+    from scipy.cluster.vq import kmeans2
+
+    from fedfuse.pic import kmeans
+
+    x = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    centres, labels = kmeans2(x.numpy(), 12, minit="++", seed=4)
+    ours, our_labels = kmeans(x, 12, 4)
+    used = np.unique(labels)
+    assert np.array_equal(ours.numpy(), centres[used]) and len(used) == len(ours)
+    assert np.array_equal(np.unique(our_labels.numpy(), return_counts=True)[1],
+                          np.unique(labels, return_counts=True)[1])

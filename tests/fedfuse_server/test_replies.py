@@ -57,12 +57,20 @@ def test_any_upload_reply_is_stored_or_refused_with_a_reason(upload_run, flower_
     content = data.draw(flower_messages.contents(UPLOADS))
     report = CollectReport()
     try:
-        receipt = upload_run._take_upload(_reply(content), identity, Claims(upload_run.store.bindings()), report)
+        upload = upload_run._parse_upload(_reply(content), identity, Claims(upload_run.store.bindings()), report)
     except FedfuseError as exc:
         _refused_with_a_reason(exc)
         assert report.accepted == []
+        return
+    if upload is None:
+        assert len(report.declined) == 1
+        return
+    receipt = upload_run._store_uploads({1: (upload, identity)}, report)[1]
+    if report.accepted:
+        assert report.accepted == [upload.client_id] and receipt == wire.receipt(True)
     else:
-        assert receipt is None and len(report.declined) == 1 or receipt == wire.receipt(True)
+        reason = report.rejected["node 1"]
+        assert reason.strip() and receipt == wire.receipt(False, reason)
 
 
 @settings(PROPERTY, max_examples=2500)
