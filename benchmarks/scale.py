@@ -111,7 +111,7 @@ def ray_cluster(cpus: int) -> tuple[str, list[str]]:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={cpus}",
            "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--node-ip-address=127.0.0.1"]
+           f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return f"127.0.0.1:{port}", cmd
 

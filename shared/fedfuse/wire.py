@@ -283,9 +283,10 @@ def parse_initializer_file(data: bytes, spec: Architecture) -> ServedInitializer
         raise MessageRejected(str(exc)) from exc
     if meta.get("format") != INITIALIZER_FORMAT:
         raise MessageRejected(f"the response holds {str(meta.get('format'))[:40]!r}, not {INITIALIZER_FORMAT!r}")
-    served = _parse_arch(json.dumps(meta.get("architecture")))
-    if served != spec:
-        raise MessageRejected(f"the service's meta-model is for {served}; this device's architecture is {spec}")
+    try:
+        _parse_arch(json.dumps(meta.get("architecture")), spec)
+    except MessageRejected as exc:
+        raise MessageRejected(f"the service's meta-model does not fit this device ({exc})") from exc
     odd = sorted(k for k, v in tensors.items() if v.dtype not in (torch.float16, torch.float32, torch.float64))
     if odd:
         raise MessageRejected(f"arrays {odd[:5]} are not float16/32/64")

@@ -107,7 +107,7 @@ def test_a_refusal_is_final_and_names_the_servers_reason(family, device):
 
 def test_another_architecture_is_refused(device, body):
     client, seen = _client(_ok(body))
-    with pytest.raises(MessageRejected, match=r"meta-model is for MLP \[1, 100, 1\].*this device's architecture"):
+    with pytest.raises(MessageRejected, match=r"meta-model does not fit this device.*MLP \[1, 100, 1\]"):
         fetch_initializer(URL, device.client_id, device.tau, MLPSpec((1, 40, 1)), client=client, **FAST)
     assert len(seen) == 1
 
