@@ -103,7 +103,7 @@ def test_in_simulation_an_impostor_and_a_duplicate_id_are_refused(tmp_path):
     settings = {**SETTINGS, "store": str(store_dir)}
     run_simulation(build_server_app(**settings), build_client_app(mods=[claiming_mod(str(folder))], **settings),
                    num_supernodes=6, backend_config={"client_resources": {"num_cpus": 1},
-                                                     "init_args": {"num_cpus": 2}})
+                                                     "init_args": {"address": "local", "num_cpus": 2}})
     receipts = {p.stem: tuple(json.loads(p.read_text())) for p in folder.glob("receipt-*.json")}
     assert receipts["receipt-1-2"] == (False, "client id 'sine-00000' is bound to another device")
     assert receipts["receipt-0-2"] == (True, "")
