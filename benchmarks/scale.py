@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -111,7 +112,9 @@ def ray_cluster(cpus: int) -> tuple[str, list[str]]:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={cpus}",
            "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1"]
+           f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1",
+           # its own temp dir (short: socket paths), so no address file in /tmp/ray outlives it
+           f"--temp-dir={tempfile.mkdtemp(prefix='ray')}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return f"127.0.0.1:{port}", cmd
 
