@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 
-from fleet import TreeSampler, become_subreaper, free_port, stop_tree
+from fleet import TreeSampler, become_subreaper, free_port, slope, stop_tree
 from perf import base_sine_zoo, peak_rss_mb, synthetic_sine_zoo
 
 from fedfuse.meta_model import MetaModel
@@ -119,10 +118,6 @@ def ray_cluster(cpus: int) -> tuple[str, list[str]]:
     return f"127.0.0.1:{port}", cmd
 
 
-def loglog_slope(xs: list[float], ys: list[float]) -> float:
-    return float(np.polyfit(np.log10(xs), np.log10(ys), 1)[0])
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -182,7 +177,7 @@ def main() -> None:
     result: dict[str, Any] = {"fits": list(fast.values()), "threads": args.threads}
     ok = [r for r in fast.values() if "fit_s" in r]
     if len(ok) > 1:
-        result["fit_time_slope"] = loglog_slope([r["n"] for r in ok], [r["fit_s"] for r in ok])
+        result["fit_time_slope"] = slope([r["n"] for r in ok], [r["fit_s"] for r in ok])
         plot(ok, args.out / "scale.png")
     if args.quality_n:
         ref = fast.get(args.quality_n) or in_fresh_process(args.quality_n, 64, "serial", args.threads, args.out)
