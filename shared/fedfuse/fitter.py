@@ -77,7 +77,10 @@ def _refinement_targets(model: "MetaModel", gamma: Tensor, probe: Tensor | None)
 
 
 def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets | None, pmap: ParallelMap,
-            gen: torch.Generator, max_rounds: int, gp_steps: int, first: int = 0) -> list[dict[str, float]]:
+            gen: torch.Generator, max_rounds: int, gp_steps: int, first: int = 0,
+            realign: Tensor | None = None) -> list[dict[str, float]]:
+    """``realign``: the indices of the models whose alignment the rounds re-solve (``None``:
+    all); an incremental refit keeps the carried-over models' alignments."""
     module: ZooModel = model.module_
     n = gamma.shape[0]
     opt = torch.optim.Adam(module.variational_parameters(), lr=model.lr)
@@ -105,15 +108,22 @@ def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets
             with torch.no_grad():
                 elbo = float(module.elbo(aligned, torch.arange(n), frozen, generator=gen))
             changed = 0.0
-            if model.align:
-                mean_s, var_s = module.sample_decoded(model.code_samples, gen)
-                new = align_zoo(model.spec_, gamma, mean_s, var_s, model.perms_, pmap, model.chunk_size)
-                moved = torch.zeros(n, dtype=torch.bool)
+            if model.align and (realign is None or len(realign)):
+                pick = (lambda t: t) if realign is None else (lambda t: t[realign])  # noqa: E731
+                mean_s, var_s = module.sample_decoded(model.code_samples, gen, realign)
+                new = align_zoo(model.spec_, pick(gamma), mean_s, var_s, [pick(p) for p in model.perms_], pmap,
+                                model.chunk_size)
+                moved = torch.zeros(len(mean_s), dtype=torch.bool)
                 for old, p in zip(model.perms_, new):
-                    moved |= (old != p).any(1)
+                    moved |= (pick(old) != p).any(1)
                 changed = float(moved.float().mean())
-                model.perms_ = new
-                aligned = apply_perms(model.spec_, gamma, new)
+                if realign is None:
+                    model.perms_, aligned = new, apply_perms(model.spec_, gamma, new)
+                else:
+                    for old, p in zip(model.perms_, new):
+                        old[realign] = p
+                    aligned = aligned.clone()
+                    aligned[realign] = apply_perms(model.spec_, gamma[realign], new)
             history.append({"round": first + rnd, "elbo": elbo, "changed": changed})
             bar.update(description=f"fitting meta-model (ELBO {elbo:.4g}, realigned {changed:.0%})")
             rel = math.inf if prev is None else abs(elbo - prev) / max(abs(prev), 1.0)
@@ -142,8 +152,9 @@ def incremental_plan(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, pr
     the zoo new or replaced; or new models unlike the zoo (their functions further from what the
     previous fit predicted for them than ``refit_drift_error`` times its own typical LOO error)."""
     fn = previous.function_
-    same = {k: v for k, v in model.get_params().items() if k not in ("max_rounds", "seed")}
-    if same != {k: v for k, v in previous.get_params().items() if k not in ("max_rounds", "seed")}:
+    free = ("max_rounds", "seed", "refit_rounds", "refit_drift", "refit_drift_error")  # how to fit, not what
+    same = {k: v for k, v in model.get_params().items() if k not in free}
+    if same != {k: v for k, v in previous.get_params().items() if k not in free}:
         return None, "the settings changed"
     if previous.spec_ != zoo.spec or previous.tau_dim != zoo.tau_dim or fn is None:
         return None, "the architecture or descriptor changed, or there is no function space to compare in"
@@ -205,7 +216,8 @@ def _carry_over(model: "MetaModel", previous: "MetaModel", zoo: ModelZoo, unchan
 def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "MetaModel", unchanged: Tensor,
            start: float) -> "MetaModel":
     """An incremental refit: the previous fit carried over, ``refit_rounds`` joint rounds without
-    hyperparameter steps, the function-space GP reconditioned with its kernel kept."""
+    hyperparameter steps that realign only the new or replaced models, the function-space GP
+    reconditioned with its kernel kept."""
     torch.manual_seed(model.seed)
     pmap = model.pmap or serial_map
     model._build(zoo.spec, list(zoo.ids), previous.tau_loc_, previous.tau_scale_, zoo.tau, probe)
@@ -213,7 +225,7 @@ def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "M
     aligned = apply_perms(model.spec_, zoo.weights, model.perms_)
     gen = torch.Generator().manual_seed(model.seed)
     rounds = _rounds(model, zoo.weights, aligned, _refinement_targets(model, zoo.weights, probe), pmap, gen,
-                     model.refit_rounds, 0, first=len(previous.history_))
+                     model.refit_rounds, 0, first=len(previous.history_), realign=torch.nonzero(~unchanged).flatten())
     model.history_ = previous.history_ + rounds
     model.n_rounds_ = len(rounds)
     model.module_.condition()

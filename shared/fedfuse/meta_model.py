@@ -74,12 +74,16 @@ class ZooModel(nn.Module):
         return self.decoder(torch.cat([self.base.loc.expand(*codes.shape[:-1], -1), codes], -1))
 
     @torch.no_grad()
-    def sample_decoded(self, samples: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Each model's decoded Gaussian under ``samples`` draws from ``q`` (the expectation in
-        the alignment cost): ``(n, S, d)`` means and variances."""
-        n = self.codes.loc.shape[0]
+    def sample_decoded(self, samples: int, gen: torch.Generator, index: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """Each model's (or the ``index``ed models') decoded Gaussian under ``samples`` draws
+        from ``q`` (the expectation in the alignment cost): ``(n, S, d)`` means and variances."""
+        loc, scale = self.codes.loc, self.codes.scale
+        if index is not None:
+            loc, scale = loc[index], scale[index]
+        n = loc.shape[0]
         base = self.base.loc + self.base.scale * torch.randn(samples, 1, self.base.loc.shape[-1], generator=gen)
-        codes = self.codes.loc + self.codes.scale * torch.randn(samples, *self.codes.loc.shape, generator=gen)
+        codes = loc + scale * torch.randn(samples, *loc.shape, generator=gen)
         mean, var = self.decoder(torch.cat([base.expand(samples, n, -1), codes], -1))
         return mean.transpose(0, 1), var.transpose(0, 1)
 
@@ -152,7 +156,7 @@ class MetaModel:
         kernel: str = "auto",
         readout_ridge: float = 1e-3,
         likelihood: str = "gaussian",
-        refit_rounds: int = 2,
+        refit_rounds: int = 1,
         refit_drift: float = 0.2,
         refit_drift_error: float = 3.0,
         seed: int = 0,

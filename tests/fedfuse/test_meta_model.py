@@ -210,10 +210,14 @@ def test_an_incremental_refit_fits_new_models_into_the_previous_fit(small_sine_z
     assert refit.refit_ == {"new_or_replaced": 4, "carried_over": 26}
     assert refit.ids_ == grown.ids and len(refit.history_) == len(before.history_) + refit.n_rounds_
     assert refit.function_.kernel_name_ == before.function_.kernel_name_
+    # the carried-over models keep their alignments; only the new ones are (re)solved
+    assert all(torch.equal(p_new[:26], p_old) for p_new, p_old in zip(refit.perms_, before.perms_))
     full = MetaModel(**settings).fit(grown, probe=PROBE)
     held_out = sine.sample_tasks(30, seed=97)
     err = lambda m: sine.nrmse(sine.SPEC, m.personalize(held_out.tau).mean, held_out).mean()  # noqa: E731
     assert err(refit) < 1.1 * err(full)
+    # how the refit runs is not a change of model: still incremental
+    assert MetaModel(**settings, refit_rounds=2).fit(grown, probe=PROBE, previous=before).refit_["new_or_replaced"] == 4
     # too much changed: a full refit instead
     half = MetaModel(**settings).fit(grown, probe=PROBE, previous=MetaModel(**settings).fit(zoo.subset(range(15)), probe=PROBE))
     assert half.refit_ == {}
