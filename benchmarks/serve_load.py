@@ -9,6 +9,8 @@ For a sine-size [1-100-1] and an MNIST-size [784-100-10] meta-model, at 1 and 2 
   Halfway through, a second meta-model is written to the store (``store.save_meta_model``); the
   run records every failed request and when the new version first answers.
 * closed loop: ``--clients`` concurrent clients for ``--burst`` seconds: the most requests/s.
+* then (``--sweep``) the sine model at one replica: 1 and 4 closed-loop clients (the latency of
+  a request on its own) and open loops at rising rates without a swap (where queueing starts).
 
 Both stop by themselves (time and request bounds). The meta-models are fitted here in seconds
 on small zoos (the MNIST-size one on randomly initialized nets with a random probe: serving cost
@@ -157,7 +159,8 @@ def wait_for_version(url: str, version: str, timeout: float = 120) -> None:
     raise TimeoutError(f"the service did not serve version {version[:12]} within {timeout:.0f}s")
 
 
-def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clients: int, burst: float) -> list[Phase]:
+def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clients: int, burst: float,
+        sweep: list[float]) -> list[Phase]:
     torch.set_num_threads(1)
     rng = random.Random(0)
     work = {"sine": (sine_models(), _bodies([[rng.uniform(0.1, 5.0), rng.uniform(0, 3.14)] for _ in range(500)])),
@@ -189,6 +192,18 @@ def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clien
                 closed = summarize(asyncio.run(closed_loop(url, bodies, clients, burst)), name, replicas, "closed", None)
                 phases.append(closed)
                 print(_row(closed), flush=True)
+        if sweep:  # where latency starts to grow: sine, one replica, no swap
+            models, bodies = work["sine"]
+            serve.run(build_app({"store": str(stores["sine"].root), "replicas": 1}), name=APP_NAME, route_prefix="/")
+            wait_for_version(url, sha256_of(stores["sine"].save_meta_model(models[0])))
+            for k in (1, 4):
+                phase = summarize(asyncio.run(closed_loop(url, bodies, k, burst)), "sine", 1, f"closed, {k} client{'s' if k > 1 else ''}", None)
+                phases.append(phase)
+                print(_row(phase), flush=True)
+            for rate in sweep:
+                phase = summarize(asyncio.run(open_loop(url, bodies, rate, seconds)), "sine", 1, "open, no swap", rate)
+                phases.append(phase)
+                print(_row(phase), flush=True)
     return phases
 
 
@@ -202,9 +217,9 @@ HEADER = ("| model | replicas | load | offered (req/s) | answered (req/s) | p50 
 
 def _row(p: Phase) -> str:
     size = "sine [1-100-1]" if p.model == "sine" else "MNIST [784-100-10]"
-    load = "open loop, fit lands halfway" if p.mode == "open" else "closed loop"
+    load = {"open": "open loop, fit lands halfway", "closed": "closed loop"}.get(p.mode, p.mode)
     offered = f"{p.offered_rps:.0f}" if p.offered_rps else "—"
-    swap = "—" if p.mode == "closed" else ("never" if p.swap_after_s is None else f"{p.swap_after_s:.2f}")
+    swap = "—" if p.mode != "open" else ("never" if p.swap_after_s is None else f"{p.swap_after_s:.2f}")
     return (f"| {size} | {p.replicas} | {load} | {offered} | {p.rps:.0f} | {p.p50_ms:.1f} | {p.p99_ms:.1f} | "
             f"{p.max_ms:.0f} | {p.failed} / {p.sent} | {swap} |")
 
@@ -218,10 +233,13 @@ def main() -> None:
     parser.add_argument("--mnist-rate", type=float, default=50.0)
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the closed-loop run")
     parser.add_argument("--burst", type=float, default=5.0, help="length of each closed-loop run")
+    parser.add_argument("--sweep", default="50,100,130,160",
+                        help="then sine at one replica: 1 and 4 clients, and open loops at these rates ('': skip)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
-    phases = run(args.out, args.port, args.seconds, {"sine": args.sine_rate, "mnist": args.mnist_rate}, args.clients, args.burst)
+    phases = run(args.out, args.port, args.seconds, {"sine": args.sine_rate, "mnist": args.mnist_rate}, args.clients,
+                 args.burst, [float(r) for r in args.sweep.split(",") if r])
     (args.out / "serve_load.json").write_text(json.dumps([asdict(p) for p in phases], indent=2))
     (args.out / "serve_load.md").write_text("\n".join([HEADER, *map(_row, phases)]) + "\n")
     print(f"wrote {args.out / 'serve_load.md'} and serve_load.json")

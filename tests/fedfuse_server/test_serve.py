@@ -3,6 +3,7 @@ service for the module (further apps on the same Serve where a test needs anothe
 token). HTTP, every error code, the hot swap, the SDK and the simulated device against it, and the
 personal-assistant story on MovieLens. The CLI's wiring is checked without Ray."""
 
+import asyncio
 import hashlib
 import importlib.util
 import json
@@ -94,6 +95,24 @@ def test_the_initializer_is_the_stored_models_and_says_which(service):
     assert served.initializer.readout is not None and served.samples is None
     assert (served.version, served.family, served.low_confidence) == (entry.sha256, "sine", False)
     assert served.initializer.novelty == pytest.approx(float(post.novelty[0]))
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_without_mixing_devices(service):
+    """Requests arriving together share one ``personalize`` call; each device still gets the
+    initializer of its own descriptor."""
+    taus = [[0.5 + 0.18 * i, 0.13 * i] for i in range(24)]  # inside the sine domain
+
+    async def ask_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+            return await asyncio.gather(*(http.post("/v1/initializers", content=json.dumps(
+                {"client_id": f"phone-{i}", "descriptor": t}).encode()) for i, t in enumerate(taus)))
+
+    responses = asyncio.run(ask_all())
+    assert [r.status_code for r in responses] == [200] * len(taus)
+    want = service.store.load_meta_model().personalize(taus).mean
+    got = torch.stack([wire.parse_initializer_file(r.content, sine.SPEC).initializer.weights for r in responses])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
