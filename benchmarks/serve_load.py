@@ -1,6 +1,6 @@
 """Load on the initializer service over loopback, with a new fit landing mid-run.
 
-    python benchmarks/serve_load.py [--out runs/bench/serve] [--seconds 10] [--sine-rate 200] [--mnist-rate 50]
+    python benchmarks/serve_load.py [--out runs/bench/serve] [--seconds 10] [--sine-rate 200] [--mnist-rate 50] [--haproxy]
 
 For a sine-size [1-100-1] and an MNIST-size [784-100-10] meta-model, at 1 and 2 replicas:
 
@@ -23,7 +23,9 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import random
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +45,10 @@ from fedfuse_server.store import ModelStore
 
 MNIST_SPEC = MLPSpec((784, 100, 10))
 MAX_REQUESTS = 20_000  # per phase, whatever the rate and duration say
+# Serve's HAProxy ingress: requests go from HAProxy straight to the replicas (direct ingress), no
+# Python proxy in between; its default of 20,000 connections needs more file descriptors than a
+# default ulimit gives
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_MAXCONN": "4096"}
 
 
 def sine_models() -> list[MetaModel]:
@@ -235,7 +241,14 @@ def main() -> None:
     parser.add_argument("--burst", type=float, default=5.0, help="length of each closed-loop run")
     parser.add_argument("--sweep", default="50,100,130,160",
                         help="then sine at one replica: 1 and 4 clients, and open loops at these rates ('': skip)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Serve's HAProxy ingress instead of its Python proxy (needs the haproxy and socat binaries)")
     args = parser.parse_args()
+    if args.haproxy:
+        missing = [b for b in ("haproxy", "socat") if shutil.which(b) is None]
+        if missing:
+            parser.error(f"--haproxy needs {' and '.join(missing)} on PATH (e.g. apt-get install haproxy socat)")
+        os.environ.update(HAPROXY_ENV)  # before the local Ray starts: its processes inherit them
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     phases = run(args.out, args.port, args.seconds, {"sine": args.sine_rate, "mnist": args.mnist_rate}, args.clients,
