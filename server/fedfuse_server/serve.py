@@ -90,7 +90,7 @@ class Served:
 
     def initializers(self, taus: list[list[float]]) -> list[bytes]:
         """Several sample-free response bodies from one ``personalize`` call: a batch of 16 sine
-        descriptors costs about what three single calls do."""
+        descriptors costs about what five single calls do (13 ms against 2.7 ms)."""
         post = self.model.personalize(torch.tensor(taus))
         return [wire.initializer_file(post, j, version=self.entry.sha256, family=self.family_name)
                 for j in range(len(taus))]
