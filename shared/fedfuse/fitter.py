@@ -109,21 +109,16 @@ def _rounds(model: "MetaModel", gamma: Tensor, aligned: Tensor, targets: Targets
                 elbo = float(module.elbo(aligned, torch.arange(n), frozen, generator=gen))
             changed = 0.0
             if model.align and (realign is None or len(realign)):
-                pick = (lambda t: t) if realign is None else (lambda t: t[realign])  # noqa: E731
-                mean_s, var_s = module.sample_decoded(model.code_samples, gen, realign)
-                new = align_zoo(model.spec_, pick(gamma), mean_s, var_s, [pick(p) for p in model.perms_], pmap,
+                idx = slice(None) if realign is None else realign
+                mean_s, var_s = module.sample_decoded(model.code_samples, gen, idx)
+                new = align_zoo(model.spec_, gamma[idx], mean_s, var_s, [p[idx] for p in model.perms_], pmap,
                                 model.chunk_size)
                 moved = torch.zeros(len(mean_s), dtype=torch.bool)
                 for old, p in zip(model.perms_, new):
-                    moved |= (pick(old) != p).any(1)
+                    moved |= (old[idx] != p).any(1)
+                    old[idx] = p
                 changed = float(moved.float().mean())
-                if realign is None:
-                    model.perms_, aligned = new, apply_perms(model.spec_, gamma, new)
-                else:
-                    for old, p in zip(model.perms_, new):
-                        old[realign] = p
-                    aligned = aligned.clone()
-                    aligned[realign] = apply_perms(model.spec_, gamma[realign], new)
+                aligned[idx] = apply_perms(model.spec_, gamma[idx], new)
             history.append({"round": first + rnd, "elbo": elbo, "changed": changed})
             bar.update(description=f"fitting meta-model (ELBO {elbo:.4g}, realigned {changed:.0%})")
             rel = math.inf if prev is None else abs(elbo - prev) / max(abs(prev), 1.0)

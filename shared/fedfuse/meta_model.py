@@ -74,13 +74,11 @@ class ZooModel(nn.Module):
         return self.decoder(torch.cat([self.base.loc.expand(*codes.shape[:-1], -1), codes], -1))
 
     @torch.no_grad()
-    def sample_decoded(self, samples: int, gen: torch.Generator, index: Tensor | None = None
+    def sample_decoded(self, samples: int, gen: torch.Generator, index: Tensor | slice = slice(None)
                        ) -> tuple[Tensor, Tensor]:
-        """Each model's (or the ``index``ed models') decoded Gaussian under ``samples`` draws
-        from ``q`` (the expectation in the alignment cost): ``(n, S, d)`` means and variances."""
-        loc, scale = self.codes.loc, self.codes.scale
-        if index is not None:
-            loc, scale = loc[index], scale[index]
+        """The ``index``ed models' decoded Gaussians under ``samples`` draws from ``q`` (the
+        expectation in the alignment cost): ``(n, S, d)`` means and variances."""
+        loc, scale = self.codes.loc[index], self.codes.scale[index]
         n = loc.shape[0]
         base = self.base.loc + self.base.scale * torch.randn(samples, 1, self.base.loc.shape[-1], generator=gen)
         codes = loc + scale * torch.randn(samples, *loc.shape, generator=gen)
