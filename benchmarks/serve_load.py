@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -94,49 +95,29 @@ class Phase:
 
 
 class Loopback:
-    """A lean HTTP/1.1 client for the load: kept-alive connections, one request at a time on
-    each, at most ``max_connections``. httpx costs about 1.4 ms of CPU per request, which on
-    two shared cores the service would pay for; this costs a fraction of that."""
+    """The load's HTTP client: aiohttp with kept-alive connections, at most ``max_connections``.
+    httpx costs about 1.4 ms of CPU per request, which on two shared cores the service would pay
+    for; aiohttp about 0.3 ms."""
 
     def __init__(self, url: str, max_connections: int, timeout: float) -> None:
-        parts = httpx.URL(url)
-        self.host, self.port, self.timeout = parts.host, parts.port, timeout
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.slots = asyncio.Semaphore(max_connections)
-        self.head = (f"POST /v1/initializers HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        self.url = f"{url}/v1/initializers"
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
+                                             timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def post(self, body: bytes) -> tuple[int, str | None]:
-        async with self.slots:
-            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-            try:
-                status, version = await asyncio.wait_for(self._exchange(*conn, body), self.timeout)
-            except BaseException:
-                conn[1].close()
-                raise
-            self.idle.append(conn)
-            return status, version
+        async with self.session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get(wire.VERSION_HEADER)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        body: bytes) -> tuple[int, str | None]:
-        writer.write(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-        if "content-length" not in headers:
-            raise ConnectionError(f"no Content-Length in the response ({head[0]!r})")
-        await reader.readexactly(int(headers["content-length"]))
-        return int(head[0].split()[1]), headers.get(wire.VERSION_HEADER.lower())
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
+    async def close(self) -> None:
+        await self.session.close()
 
 
 async def _one(http: Loopback, body: bytes, start: float, out: list) -> None:
     try:
         status, version = await http.post(body)
         out.append((start, time.perf_counter(), status, version))
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         out.append((start, time.perf_counter(), repr(exc), None))
 
 
@@ -158,7 +139,7 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float,
             swap.set()
         tasks.append(asyncio.create_task(_one(http, bodies[i % len(bodies)], due, out)))
     await asyncio.gather(*tasks)
-    http.close()
+    await http.close()
     return out
 
 
@@ -174,7 +155,7 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: floa
 
     http = Loopback(url, max_connections=clients, timeout=30)
     await asyncio.gather(*(client(k) for k in range(clients)))
-    http.close()
+    await http.close()
     return out
 
 
