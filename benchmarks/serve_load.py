@@ -1,6 +1,6 @@
 """Load on the initializer service over loopback, with a new fit landing mid-run.
 
-    python benchmarks/serve_load.py [--out runs/bench/serve] [--seconds 10] [--sine-rate 200] [--mnist-rate 50] [--haproxy]
+    python benchmarks/serve_load.py [--out runs/bench/serve] [--seconds 10] [--sine-rate 200] [--mnist-rate 50] [--haproxy] [--no-access-log]
 
 For a sine-size [1-100-1] and an MNIST-size [784-100-10] meta-model, at 1 and 2 replicas:
 
@@ -188,7 +188,7 @@ def wait_for_version(url: str, version: str, timeout: float = 120) -> None:
 
 
 def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clients: int, burst: float,
-        sweep: list[float]) -> list[Phase]:
+        sweep: list[float], access_log: bool = True) -> list[Phase]:
     torch.set_num_threads(1)
     rng = random.Random(0)
     work = {"sine": (sine_models(), _bodies([[rng.uniform(0.1, 5.0), rng.uniform(0, 3.14)] for _ in range(500)])),
@@ -197,14 +197,14 @@ def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clien
     for name, (models, _) in work.items():
         stores[name].save_meta_model(models[0])
     phases: list[Phase] = []
-    with serving(stores["sine"].root, port=port) as url:
+    with serving(stores["sine"].root, port=port, access_log=access_log) as url:
         from ray import serve
 
         for name, (models, bodies) in work.items():
             for replicas in (1, 2):
                 store = stores[name]
                 first_version = sha256_of(store.save_meta_model(models[0]))
-                serve.run(build_app({"store": str(store.root), "replicas": replicas}), name=APP_NAME, route_prefix="/")
+                serve.run(build_app({"store": str(store.root), "replicas": replicas, "access_log": access_log}), name=APP_NAME, route_prefix="/")
                 wait_for_version(url, first_version)
                 asyncio.run(open_loop(url, bodies, rates[name], 1.0))  # warm-up, not counted
                 swap, swapped = threading.Event(), {}
@@ -222,7 +222,7 @@ def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clien
                 print(_row(closed), flush=True)
         if sweep:  # where latency starts to grow: sine, one replica, no swap
             models, bodies = work["sine"]
-            serve.run(build_app({"store": str(stores["sine"].root), "replicas": 1}), name=APP_NAME, route_prefix="/")
+            serve.run(build_app({"store": str(stores["sine"].root), "replicas": 1, "access_log": access_log}), name=APP_NAME, route_prefix="/")
             wait_for_version(url, sha256_of(stores["sine"].save_meta_model(models[0])))
             for k in (1, 4):
                 phase = summarize(asyncio.run(closed_loop(url, bodies, k, burst)), "sine", 1, f"closed, {k} client{'s' if k > 1 else ''}", None)
@@ -265,6 +265,8 @@ def main() -> None:
                         help="then sine at one replica: 1 and 4 clients, and open loops at these rates ('': skip)")
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy ingress instead of its Python proxy (needs the haproxy and socat binaries)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="the service without a log line per request (fedfuse serve --no-access-log)")
     args = parser.parse_args()
     if args.haproxy:
         missing = [b for b in ("haproxy", "socat") if shutil.which(b) is None]
@@ -274,7 +276,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     phases = run(args.out, args.port, args.seconds, {"sine": args.sine_rate, "mnist": args.mnist_rate}, args.clients,
-                 args.burst, [float(r) for r in args.sweep.split(",") if r])
+                 args.burst, [float(r) for r in args.sweep.split(",") if r], args.access_log)
     (args.out / "serve_load.json").write_text(json.dumps([asdict(p) for p in phases], indent=2))
     (args.out / "serve_load.md").write_text("\n".join([HEADER, *map(_row, phases)]) + "\n")
     print(f"wrote {args.out / 'serve_load.md'} and serve_load.json")

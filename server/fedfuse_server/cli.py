@@ -108,6 +108,7 @@ def serve_initializers(
     port: int = typer.Option(8000, min=1, max=65535),
     replicas: int = typer.Option(1, min=1, help="Serve replicas (one CPU each)"),
     token_file: Path | None = typer.Option(None, help="file holding the bearer token clients must send"),
+    access_log: bool = typer.Option(True, help="a log line per request (off: less CPU per request under load)"),
 ) -> None:
     """Serve personalized initializers over HTTP (Ray Serve) until Ctrl-C: POST /v1/initializers,
     GET /v1/model, GET /healthz. Joins the Ray cluster RAY_ADDRESS names, else starts a local Ray."""
@@ -115,5 +116,6 @@ def serve_initializers(
 
     with _operator_errors():
         serve_until_stopped(_existing(store), lambda url: typer.echo(f"serving initializers at {url} (Ctrl-C stops)"),
-                            host=host, port=port, replicas=replicas, token_file=token_file)
+                            host=host, port=port, replicas=replicas, token_file=token_file,
+                            access_log=access_log)
     typer.echo("stopped")

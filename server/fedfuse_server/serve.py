@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import LoggingConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -51,7 +52,7 @@ log = logging.getLogger("fedfuse_server.serve")
 APP_NAME = "fedfuse"
 DEPLOYMENT_NAME = "initializers"
 POLL_S = 1.0
-APP_ARGS = ("store", "token_file", "replicas", "poll_s")  # what build_app takes
+APP_ARGS = ("store", "token_file", "replicas", "poll_s", "access_log")  # what build_app takes
 ROUTES = {"/v1/initializers": "POST", "/v1/model": "GET", "/healthz": "GET"}
 MAX_TOKEN_BYTES = 4096
 MAX_BATCH = 16  # sample-free requests answered by one personalize call
@@ -256,21 +257,27 @@ InitializerDeployment = serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_reque
 def build_app(args: dict[str, Any]) -> Application:
     """The Serve application, import path ``fedfuse_server.serve:build_app`` (``serve run``, a
     RayService). ``args``: ``store`` (a folder every replica can read), ``token_file``,
-    ``replicas`` (1), ``poll_s`` (seconds between checks for a new fit, 1)."""
+    ``replicas`` (1), ``poll_s`` (seconds between checks for a new fit, 1), ``access_log``
+    (true: a log line per request, which costs CPU on the replica and in Ray's log forwarding)."""
     unknown = set(args) - set(APP_ARGS)
     if unknown or "store" not in args:
-        raise FedfuseError(f"the initializer service takes args store (required), token_file, replicas and "
-                           f"poll_s; got {sorted(args)}")
+        raise FedfuseError(f"the initializer service takes args store (required), token_file, replicas, "
+                           f"poll_s and access_log; got {sorted(args)}")
+    access_log = args.get("access_log", True)
+    if not isinstance(access_log, bool):
+        raise FedfuseError(f"access_log must be true or false, got {access_log!r}")
     token_file = args.get("token_file")
     if token_file:
         read_token(token_file)  # a bad token file fails the deploy, not every replica
-    return InitializerDeployment.options(num_replicas=int(args.get("replicas", 1))).bind(
+    return InitializerDeployment.options(num_replicas=int(args.get("replicas", 1)),
+                                         logging_config=LoggingConfig(enable_access_log=access_log)).bind(
         str(args["store"]), str(token_file) if token_file else None, float(args.get("poll_s", POLL_S)))
 
 
 @contextmanager
 def serving(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-            token_file: str | os.PathLike | None = None, poll_s: float = POLL_S) -> Iterator[str]:
+            token_file: str | os.PathLike | None = None, poll_s: float = POLL_S,
+            access_log: bool = True) -> Iterator[str]:
     """Serve ``store``'s initializers while the block runs; yields the base URL. With
     ``RAY_ADDRESS`` set it joins that cluster and removes only its own app at exit; otherwise it
     starts a local Ray sized to this machine and shuts Serve and Ray down at exit."""
@@ -285,7 +292,7 @@ def serving(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 80
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        args = {"store": str(Path(store).resolve()), "replicas": replicas, "poll_s": poll_s}
+        args = {"store": str(Path(store).resolve()), "replicas": replicas, "poll_s": poll_s, "access_log": access_log}
         if token_file is not None:
             args["token_file"] = str(Path(token_file).resolve())
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -55,3 +55,16 @@ def test_conditioning_with_cross_entropy():
     prior0 = ReadoutGaussian(torch.zeros_like(loc), prior.factor, prior.diag)
     tuned = condition_readout(spec, scrambled, prior0, x, y, "ce")
     assert (loss_fn(spec, tuned, x, y, "ce") < loss_fn(spec, scrambled, x, y, "ce")).all()
+
+
+def test_a_stricter_threshold_only_keeps_more_initializers():
+    """The acceptance rule: raising the required margin can only turn updates down, never
+    accept one the looser rule declined; an update the rule takes is the same update (to the
+    solver's tolerance)."""
+    spec, base, prior, truth, x, _ = _conditioning_case(k=10, seed=3)
+    y = spec.forward(truth, x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    taken = {t: (condition_readout(spec, base, prior, x, y, "mse", threshold=t) != base).any(1) for t in (0.0, 2.0, 50.0)}
+    assert taken[0.0].any() and not taken[50.0].any()
+    assert (taken[2.0] <= taken[0.0]).all()
+    loose, strict = (condition_readout(spec, base, prior, x, y, "mse", threshold=t) for t in (0.0, 2.0))
+    assert torch.allclose(strict[taken[2.0]], loose[taken[2.0]], atol=1e-3)  # one L-BFGS over the rows taken

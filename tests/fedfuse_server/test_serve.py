@@ -261,10 +261,21 @@ def test_the_serve_command_passes_its_options_and_refuses_a_missing_store(tmp_pa
                         lambda store, on_ready, **options: (calls.append((store, options)), on_ready("http://x:1")))
     ModelStore(tmp_path / "store")
     result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path / "store"), "--host", "0.0.0.0", "--port",
-                                      "9000", "--replicas", "2", "--token-file", str(tmp_path / "token")])
+                                      "9000", "--replicas", "2", "--token-file", str(tmp_path / "token"),
+                                      "--no-access-log"])
     assert result.exit_code == 0, result.output
     assert "serving initializers at http://x:1" in result.output and "stopped" in result.output
     assert calls == [(tmp_path / "store", {"host": "0.0.0.0", "port": 9000, "replicas": 2,
-                                           "token_file": tmp_path / "token"})]
+                                           "token_file": tmp_path / "token", "access_log": False})]
     result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "holds no model store" in result.output
+
+
+def test_the_access_log_switch_reaches_the_deployment_and_refuses_non_booleans(tmp_path):
+    def access_log(app) -> bool:
+        return app._bound_deployment._deployment_config.logging_config["enable_access_log"]
+
+    assert access_log(service_module.build_app({"store": str(tmp_path)})) is True
+    assert access_log(service_module.build_app({"store": str(tmp_path), "access_log": False})) is False
+    with pytest.raises(service_module.FedfuseError, match="access_log must be true or false"):
+        service_module.build_app({"store": str(tmp_path), "access_log": "no"})
