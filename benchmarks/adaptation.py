@@ -1,18 +1,20 @@
 """Where the sine initializer's error sits, and what adaptation levers buy: a report on saved fits.
 
-    python benchmarks/adaptation.py --bench runs/final/sine --out runs/bench/adaptation
+    python benchmarks/adaptation.py --bench runs/bench/sine --out runs/bench/adaptation
 
 Reads the meta-models a ``fedfuse bench sine --out DIR`` run saved (``meta_model_seed{s}``) and,
 per seed, on the same test tasks and shots as the bench:
 
 * **edges**: relative RMS error (over the amplitude) per eighth of ``[-5, 5]`` of the uploaded
   nets (against their own tasks), of the GP's predicted function and of the initializer (against
-  the test tasks).
+  the test tasks); and the floor of the readout: the least-squares readout on the initializer's
+  hidden layer fitted to each test function on the evaluation grid.
 * **acceptance**: the device keeps an update only when its held-out shots beat the initializer by
-  ``t`` standard errors (``condition_readout(threshold=t)``; the default is ``THRESHOLDS``), scored
-  on the test tasks and on *pseudo-devices* the server can build from the zoo alone: each upload
-  predicted from the others (leave-one-out), ``k`` of its probe outputs as shots, scored on the
-  probe against the upload.
+  ``t`` standard errors (``condition_readout(threshold=t)``; default ``fedfuse.adaptation.THRESHOLDS``), scored
+  on the test tasks and on *pseudo-devices* the server can build from the zoo alone: each upload's
+  function and readout prior predicted from the others (leave-one-out; the hidden layer is the
+  decoded one at its descriptor, as a new device gets), ``k`` of its probe outputs as shots,
+  scored against the upload on the other probe inputs.
 * **covariance**: the readout prior's residual covariance, shared by all tasks (the product) or
   local (the leave-one-out residuals of the ``m`` nearest zoo models, shrunk by ``lam`` towards
   the shared one; ``m`` and ``lam`` by the zoo's held-out Gaussian likelihood of each model's own
@@ -34,58 +36,84 @@ import torch
 from torch import Tensor
 
 from fedfuse.adaptation import condition_readout
+from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.meta_model import MetaModel
+from fedfuse.posterior import WeightPosterior
 from fedfuse.readout import design, readout_map
 from fedfuse.tasks import sine
 
 SHOTS = (10, 20, 30, 40)
-THRESHOLDS = (0.0, 1.0, 2.0, 3.0)
-STRENGTHS = (0.1, 1.0)
-LOCAL_GRID = ((16, 0.5), (32, 0.3), (32, 0.5), (64, 0.1), (64, 0.2), (64, 0.3), (64, 0.5))
+T_GRID = (0.0, 1.0, 2.0, 3.0)  # acceptance margins, in standard errors
+FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
+# (neighbours m, shrinkage lam) of the local covariance; sizes the zoo cannot fill are skipped
+LOCAL_GRID = ((16, 0.5), (32, 0.3), (32, 0.5), (64, 0.1), (64, 0.2), (64, 0.3), (64, 0.5), (128, 0.2), (128, 0.3))
 BINS = 8
 
 
 def _bins(rel: Tensor) -> list[float]:
     """RMS of ``rel`` ``(q, N)`` over tasks, per eighth of the inputs."""
-    return [round(float(part.pow(2).mean().sqrt()), 4) for part in rel.chunk(BINS, dim=1)]
+    return [round(float(part.pow(2).mean().sqrt()), 4) for part in rel.tensor_split(BINS, dim=1)]
 
 
-def edges(model: MetaModel, test: sine.SineTasks, post: Any) -> dict[str, list[float]]:
+def _shots_x(n_tasks: int, k: int, seed: int) -> Tensor:
+    """The bench's shot inputs for ``k`` shots (``fedfuse_sim.sine.evaluate``)."""
+    return sine.sample_x(n_tasks, k, seed + 1000 + k)
+
+
+def zoo_descriptors(fn: FunctionSpaceGP) -> Tensor:
+    """The zoo's descriptors, undoing the GP's standardization (sine kernels are never ``overlap``)."""
+    if fn.kernel_name_ == "overlap":
+        raise ValueError("this report is for sine zoos; an overlap kernel keeps raw set descriptors")
+    return (fn.x_ * fn.tau_scale_ + fn.loc_).float()
+
+
+def edges(model: MetaModel, test: sine.SineTasks, post: WeightPosterior) -> dict[str, Any]:
+    """Where the error sits along the inputs, and how low the readout alone could take it."""
     fn, probe = model.function_, model.probe_
-    tau = fn.x_ * fn.tau_scale_ + fn.loc_
-    zoo = sine.SineTasks(tau[:, 0].float(), tau[:, 1].float(), torch.zeros(len(tau)))
+    tau = zoo_descriptors(fn)
+    zoo = sine.SineTasks(tau[:, 0], tau[:, 1], torch.zeros(len(tau)))
     uploads = (fn.y_ + fn.mu_).float()
     truth = test(probe)[..., 0]
     with torch.no_grad():
         net = sine.SPEC.forward(post.mean, probe)[..., 0]
     gp = fn.predict(test.tau.double()).mean.float()
+    grid = sine.eval_grid()
+    phi = design(sine.SPEC, post.mean, grid.expand(len(test), -1, -1))
+    target = test(grid).double()
+    best = torch.linalg.lstsq(phi, target, driver="gelsd").solution
+    floor = ((phi @ best - target) ** 2).mean((1, 2)).sqrt() / (2 * test.a.double())
     return {"uploads": _bins((uploads - zoo(probe)[..., 0]) / zoo.a[:, None]),
             "GP prediction": _bins((gp - truth) / test.a[:, None]),
-            "initializer": _bins((net - truth) / test.a[:, None])}
+            "initializer": _bins((net - truth) / test.a[:, None]),
+            "readout floor nRMSE": float(floor.mean()), "0-shot nRMSE": float(sine.nrmse(sine.SPEC, post.mean, test).mean())}
 
 
-def acceptance(model: MetaModel, test: sine.SineTasks, post: Any, seed: int) -> list[dict[str, Any]]:
+def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int) -> list[dict[str, Any]]:
+    """Mean error and share of devices made worse for each margin, on pseudo-devices and tests."""
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
-    n = fn.y_.shape[0]
+    n, m = fn.y_.shape
     uploads = (fn.y_ + fn.mu_).float()
-    zoo_post = model.personalize((fn.x_ * fn.tau_scale_ + fn.loc_).float())
     loo_mean, loo_scale = fn.loo_predictions(torch.arange(n))
-    w_zoo, prior_zoo = model._readout_prior(zoo_post.mean, loo_mean.float(), loo_scale.float())
+    w_zoo, prior_zoo = model._readout_prior(model.decode(zoo_descriptors(fn)), loo_mean.float(), loo_scale.float())
+    spread = uploads.max(1).values - uploads.min(1).values
 
-    def zoo_error(w: Tensor) -> Tensor:
+    def zoo_error(w: Tensor, held: Tensor) -> Tensor:
+        """Error against the upload on the probe inputs ``held`` ``(n, m)`` marks."""
         with torch.no_grad():
-            f = spec.forward(w, probe)[..., 0]
-        return (f - uploads).pow(2).mean(1).sqrt() / (uploads.max(1).values - uploads.min(1).values)
+            sq = (spec.forward(w, probe)[..., 0] - uploads).pow(2)
+        return ((sq * held).sum(1) / held.sum(1)).sqrt() / spread
 
-    zoo0, test0 = zoo_error(w_zoo), sine.nrmse(spec, post.mean, test)
+    test0 = sine.nrmse(spec, post.mean, test)
     rows = []
     for k in SHOTS:
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        pick = torch.stack([torch.randperm(probe.shape[0], generator=gen)[:k] for _ in range(n)])
+        pick = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)])
+        held = torch.ones(n, m).scatter_(1, pick, 0.0)  # scored where the shots are not
         xs, ys = probe[pick], torch.gather(uploads, 1, pick)[..., None]
-        x = sine.sample_x(len(test), k, seed + 1000 + k)  # the bench's shots
-        for t in THRESHOLDS:
-            ez = zoo_error(condition_readout(spec, w_zoo, prior_zoo, xs, ys, "mse", threshold=t))
+        zoo0 = zoo_error(w_zoo, held)
+        x = _shots_x(len(test), k, seed)
+        for t in T_GRID:
+            ez = zoo_error(condition_readout(spec, w_zoo, prior_zoo, xs, ys, "mse", threshold=t), held)
             et = sine.nrmse(spec, condition_readout(spec, post.mean, post.readout, x, test(x), "mse", threshold=t), test)
             rows.append({"seed": seed, "shots": k, "threshold": t,
                          "zoo_ratio": float(ez.mean() / zoo0.mean()), "zoo_worse": float((ez > zoo0).float().mean()),
@@ -94,29 +122,32 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: Any, seed: int) -> 
 
 
 def _held_out_loglik(z: Tensor, cov: Tensor) -> float:
-    """Mean Gaussian log-density of each row of ``z`` under its own covariance ``(n, m, m)``."""
-    chol = torch.linalg.cholesky(cov + 1e-9 * torch.eye(cov.shape[-1], dtype=cov.dtype))
+    """Mean Gaussian log-density of each row of ``z`` under its own covariance ``(n, m, m)``, each
+    loaded by 1e-3 of its mean variance so that a covariance from fewer than ``m`` residuals is
+    still a proper density."""
+    load = 1e-3 * torch.diagonal(cov, dim1=1, dim2=2).mean(1)[:, None, None]
+    chol = torch.linalg.cholesky(cov + load * torch.eye(cov.shape[-1], dtype=cov.dtype))
     sol = torch.cholesky_solve(z[..., None], chol)[..., 0]
     return float((-0.5 * (z * sol).sum(1) - torch.diagonal(chol, dim1=1, dim2=2).log().sum(1)).mean())
 
 
-def covariance(model: MetaModel, test: sine.SineTasks, post: Any, seed: int) -> dict[str, Any]:
+def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int) -> dict[str, Any]:
+    """Exact conditioning on the shots under the shared, the zoo-chosen local and the test tasks'
+    own residual covariance; the local one's ``(m, lam)`` by the zoo's held-out likelihood."""
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
-    loo = fn._loo(fn.kernel_, fn.log_noise_, fn.x_, fn.y_, None)
-    z = loo.residual / loo.variance.sqrt()[:, None]  # standardized leave-one-out residuals (n, m)
+    z = fn.loo_residuals() / fn.loo_var_.sqrt()[:, None]  # standardized leave-one-out residuals (n, m)
     n, m = z.shape
     gram = z.T @ z
     shared_loo = (gram[None] - z[:, :, None] * z[:, None, :]) / (n - 1)  # without each model itself
     pts = fn._metric(fn.x_)
     order = fn._nearest(pts, pts, exclude=torch.arange(n), count=n - 1)
     scores = {"shared": _held_out_loglik(z, shared_loo)}
-    for size, lam in LOCAL_GRID:
+    grid = {f"local {size}, lam {lam}": (size, lam) for size, lam in LOCAL_GRID if size < n}
+    for key, (size, lam) in grid.items():
         near = z[order[:, :size]]
-        scores[f"local {size}, lam {lam}"] = _held_out_loglik(
-            z, (1 - lam) * near.transpose(1, 2) @ near / size + lam * shared_loo)
-    best = max((k for k in scores if k != "shared"), key=scores.get)
-    size, lam = (float(v) for v in re.findall(r"[\d.]+", best))
-    size = int(size)
+        scores[key] = _held_out_loglik(z, (1 - lam) * near.transpose(1, 2) @ near / size + lam * shared_loo)
+    best = max(grid, key=scores.get)
+    size, lam = grid[best]
 
     shared = fn.basis_.double().T @ fn.basis_.double() + torch.diag(fn.residual_.double())  # calibrated
     kappa = shared.trace() / (gram / n).trace()
@@ -130,22 +161,23 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: Any, seed: int) -> 
             "local (m, lam: the zoo's choice)": pred.scale.double()[:, None, None] ** 2 * local,
             "test tasks' own (upper bound)": oracle.expand(len(test), -1, -1)}
     a, _ = readout_map(spec, post.mean, probe, model.readout_ridge_)  # (q, h + 1, probe): readout per function
-    grid = sine.eval_grid()
-    phi_grid = design(spec, post.mean, grid.expand(len(test), -1, -1))
+    x_eval = sine.eval_grid()
+    phi_eval = design(spec, post.mean, x_eval.expand(len(test), -1, -1))
+    mg = phi_eval @ a  # function on the grid per function on the probe
     loc = post.readout.loc.double()[..., None]
-    truth = test(grid).double()
+    truth = test(x_eval).double()
     zero = sine.nrmse(spec, post.mean, test).double()
     rows = []
     for k in SHOTS:
-        x = sine.sample_x(len(test), k, seed + 1000 + k)
+        x = _shots_x(len(test), k, seed)
         phi = design(spec, post.mean, x)
+        ms = phi @ a
         r = test(x).double() - phi @ loc
         for name, cov in covs.items():
-            ms, mg = phi @ a, phi_grid @ a
             kss, kgs = ms @ cov @ ms.transpose(1, 2), mg @ cov @ ms.transpose(1, 2)
             unit = torch.diagonal(kss, dim1=1, dim2=2).mean(1)
-            for c in STRENGTHS:
-                f = phi_grid @ loc + kgs @ torch.linalg.solve(kss + c * unit[:, None, None] * torch.eye(k, dtype=kss.dtype), r)
+            for c in FIXED_C:
+                f = phi_eval @ loc + kgs @ torch.linalg.solve(kss + c * unit[:, None, None] * torch.eye(k, dtype=kss.dtype), r)
                 e = ((f - truth) ** 2).mean((1, 2)).sqrt() / (2 * test.a.double())
                 rows.append({"seed": seed, "shots": k, "covariance": name, "strength": c,
                              "test_nrmse": float(e.mean()), "test_worse": float((e > zero).float().mean())})
@@ -153,7 +185,7 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: Any, seed: int) -> 
 
 
 def _table(rows: list[dict[str, Any]], keys: tuple[str, ...], cells: tuple[str, ...]) -> list[str]:
-    """Rows averaged over seeds: one line per ``keys`` value, ``cells`` as mean (share worse)."""
+    """Rows averaged over seeds: one line per ``keys`` value, each of ``cells`` its mean."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
@@ -166,25 +198,27 @@ def _table(rows: list[dict[str, Any]], keys: tuple[str, ...], cells: tuple[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", type=Path, default=Path("runs/final/sine"), help="a `fedfuse bench sine` output")
+    ap.add_argument("--bench", type=Path, default=Path("runs/bench/sine"), help="a `fedfuse bench sine` output")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/adaptation"))
-    ap.add_argument("--n-test", type=int, default=100, help="test tasks per seed, as in the bench")
+    ap.add_argument("--n-test", type=int, default=None,
+                    help="test tasks per seed (default: the bench's, from its summary.json, else 100)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
     paths = sorted(args.bench.glob("meta_model_seed*.safetensors"))
     if not paths:
         ap.error(f"{args.bench} holds no meta_model_seed*.safetensors: run `fedfuse bench sine --out {args.bench}`")
+    summary = args.bench / "summary.json"
+    n_test = args.n_test or (json.loads(summary.read_text())["config"]["n_test"] if summary.exists() else 100)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"edges": {}, "acceptance": [], "covariance": {}}
+    report: dict[str, Any] = {"edges": {}, "acceptance": [], "covariance": {}, "covariance_rows": []}
     for path in paths:
         seed = int(re.search(r"seed(\d+)", path.name).group(1))
         model = MetaModel.load(path)
-        test = sine.sample_tasks(args.n_test, seed + sine.TEST_SEED_OFFSET)
+        test = sine.sample_tasks(n_test, seed + sine.TEST_SEED_OFFSET)
         post = model.personalize(test.tau)
         report["edges"][seed] = edges(model, test, post)
         cov = covariance(model, test, post, seed)
         report["covariance"][seed] = {k: cov[k] for k in ("zoo_loglik", "choice")}
-        report["covariance_rows"] = report.get("covariance_rows", []) + cov["rows"]
+        report["covariance_rows"] += cov["rows"]
         report["acceptance"] += acceptance(model, test, post, seed)
         print(f"seed {seed} done: local covariance chosen on the zoo: {cov['choice']}", flush=True)
     (args.out / "adaptation.json").write_text(json.dumps(report, indent=2))
@@ -193,6 +227,8 @@ def main() -> None:
     for what in ("uploads", "GP prediction", "initializer"):
         vals = [sum(report["edges"][s][what][i] for s in report["edges"]) / len(report["edges"]) for i in range(BINS)]
         lines.append(f"| {what} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+    lines += ["", "0-shot nRMSE and the least-squares readout's floor, per seed: " + ", ".join(
+        f"seed {s}: {e['0-shot nRMSE']:.4f} / {e['readout floor nRMSE']:.4f}" for s, e in report["edges"].items())]
     lines += ["", "## Acceptance threshold t (seed means): zoo pseudo-devices and test tasks", "",
               "| shots | t | zoo error / 0-shot | zoo share worse | test nRMSE | test share worse |", "|---|---|---|---|---|---|"]
     lines += _table(report["acceptance"], ("shots", "threshold"), ("zoo_ratio", "zoo_worse", "test_nrmse", "test_worse"))

@@ -258,7 +258,8 @@ def build_app(args: dict[str, Any]) -> Application:
     """The Serve application, import path ``fedfuse_server.serve:build_app`` (``serve run``, a
     RayService). ``args``: ``store`` (a folder every replica can read), ``token_file``,
     ``replicas`` (1), ``poll_s`` (seconds between checks for a new fit, 1), ``access_log``
-    (true: a log line per request, which costs CPU on the replica and in Ray's log forwarding)."""
+    (true: a log line per request, which costs CPU on the replica and in Ray's log forwarding;
+    false sets the deployment's logging config, which then replaces an application-level one)."""
     unknown = set(args) - set(APP_ARGS)
     if unknown or "store" not in args:
         raise FedfuseError(f"the initializer service takes args store (required), token_file, replicas, "
@@ -269,8 +270,10 @@ def build_app(args: dict[str, Any]) -> Application:
     token_file = args.get("token_file")
     if token_file:
         read_token(token_file)  # a bad token file fails the deploy, not every replica
-    return InitializerDeployment.options(num_replicas=int(args.get("replicas", 1)),
-                                         logging_config=LoggingConfig(enable_access_log=access_log)).bind(
+    options: dict[str, Any] = {"num_replicas": int(args.get("replicas", 1))}
+    if not access_log:  # a deployment's own logging config replaces the application's, so only when asked
+        options["logging_config"] = LoggingConfig(enable_access_log=False)
+    return InitializerDeployment.options(**options).bind(
         str(args["store"]), str(token_file) if token_file else None, float(args.get("poll_s", POLL_S)))
 
 

@@ -19,8 +19,8 @@ from fedfuse.readout import design, set_readout
 STRENGTHS = {"mse": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "ce": (0.3, 1.0, 3.0, 10.0)}
 # by how many standard errors an update must beat the initializer on held-out shots. "mse": the
 # smallest t in (0, 1, 2, 3) that left at most 5 % of the zoo's own pseudo-devices worse than their
-# initializer at 10-40 shots on each of the three sine bench zoos (benchmarks/adaptation.py; 1
-# harmed 10-11.5 % at 10 shots); "ce": one standard error (MNIST: 2-6 % of tasks worse at 10 shots)
+# initializer at 10-40 shots on each of the three sine bench zoos (benchmarks/adaptation.py: t = 1
+# left 6-17 %, t = 2 at most 4 %); "ce": one standard error (MNIST: 2-6 % of tasks worse at 10 shots)
 THRESHOLDS = {"mse": 2.0, "ce": 1.0}
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from fedfuse.adaptation import condition_readout
+from fedfuse.adaptation import THRESHOLDS, condition_readout
 from fedfuse.architectures import MLPSpec
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.readout import get_readout, set_readout
@@ -68,3 +68,6 @@ def test_a_stricter_threshold_only_keeps_more_initializers():
     assert (taken[2.0] <= taken[0.0]).all()
     loose, strict = (condition_readout(spec, base, prior, x, y, "mse", threshold=t) for t in (0.0, 2.0))
     assert torch.allclose(strict[taken[2.0]], loose[taken[2.0]], atol=1e-3)  # one L-BFGS over the rows taken
+    # without a threshold, the loss's default margin
+    default = condition_readout(spec, base, prior, x, y, "mse")
+    assert torch.equal(default, condition_readout(spec, base, prior, x, y, "mse", threshold=THRESHOLDS["mse"]))
