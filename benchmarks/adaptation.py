@@ -41,6 +41,7 @@ from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
 from fedfuse.readout import design, readout_map
 from fedfuse.tasks import sine
+from fedfuse_sim.sine import shot_inputs, unseen_tasks
 
 SHOTS = (10, 20, 30, 40)
 T_GRID = (0.0, 1.0, 2.0, 3.0)  # acceptance margins, in standard errors
@@ -53,11 +54,6 @@ BINS = 8
 def _bins(rel: Tensor) -> list[float]:
     """RMS of ``rel`` ``(q, N)`` over tasks, per eighth of the inputs."""
     return [round(float(part.pow(2).mean().sqrt()), 4) for part in rel.tensor_split(BINS, dim=1)]
-
-
-def _shots_x(n_tasks: int, k: int, seed: int) -> Tensor:
-    """The bench's shot inputs for ``k`` shots (``fedfuse_sim.sine.evaluate``)."""
-    return sine.sample_x(n_tasks, k, seed + 1000 + k)
 
 
 def zoo_descriptors(fn: FunctionSpaceGP) -> Tensor:
@@ -111,7 +107,7 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
         held = torch.ones(n, m).scatter_(1, pick, 0.0)  # scored where the shots are not
         xs, ys = probe[pick], torch.gather(uploads, 1, pick)[..., None]
         zoo0 = zoo_error(w_zoo, held)
-        x = _shots_x(len(test), k, seed)
+        x = shot_inputs(len(test), k, seed)
         for t in T_GRID:
             ez = zoo_error(condition_readout(spec, w_zoo, prior_zoo, xs, ys, "mse", threshold=t), held)
             et = sine.nrmse(spec, condition_readout(spec, post.mean, post.readout, x, test(x), "mse", threshold=t), test)
@@ -169,7 +165,7 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     zero = sine.nrmse(spec, post.mean, test).double()
     rows = []
     for k in SHOTS:
-        x = _shots_x(len(test), k, seed)
+        x = shot_inputs(len(test), k, seed)
         phi = design(spec, post.mean, x)
         ms = phi @ a
         r = test(x).double() - phi @ loc
@@ -213,7 +209,7 @@ def main() -> None:
     for path in paths:
         seed = int(re.search(r"seed(\d+)", path.name).group(1))
         model = MetaModel.load(path)
-        test = sine.sample_tasks(n_test, seed + sine.TEST_SEED_OFFSET)
+        test = unseen_tasks(n_test, seed)
         post = model.personalize(test.tau)
         report["edges"][seed] = edges(model, test, post)
         cov = covariance(model, test, post, seed)

@@ -105,6 +105,16 @@ def fit_maml(spec: MLPSpec, train: sine.SineTasks, cfg: SineConfig, seed: int,
     return baselines.MAML(spec, meta_steps=cfg.maml_steps, seed=seed, progress=progress).fit(episodes)
 
 
+def unseen_tasks(n: int, seed: int) -> sine.SineTasks:
+    """A seed's unseen test tasks (a stream disjoint from the zoo's)."""
+    return sine.sample_tasks(n, seed + sine.TEST_SEED_OFFSET)
+
+
+def shot_inputs(n_tasks: int, k: int, seed: int) -> Tensor:
+    """A seed's ``k``-shot inputs, the same for every method (and for reports on saved fits)."""
+    return sine.sample_x(n_tasks, k, seed + 1000 + k)
+
+
 # a method's local adaptation: k-shot inputs and targets -> fine-tuned weights
 Tuner = tuple[MLPSpec, Callable[[Tensor, Tensor], Tensor]]
 
@@ -115,7 +125,7 @@ def evaluate(tuners: dict[str, Tuner], test: sine.SineTasks, cfg: SineConfig, se
     rows, tuned = [], {}
     with progress_bar(progress, "fine-tuning", total=len(tuners) * len(cfg.shots)) as bar:
         for k in cfg.shots:
-            x = sine.sample_x(len(test), k, seed + 1000 + k)
+            x = shot_inputs(len(test), k, seed)
             for method, (spec, tune) in tuners.items():
                 w = tune(x, test(x))
                 tuned[(method, k)] = w
@@ -177,7 +187,7 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
         mamls[name] = fit_maml(spec, train, cfg, seed, progress)
         timings[f"{name} s"] = time.perf_counter() - t0
 
-    test = sine.sample_tasks(cfg.n_test, seed + 7919)
+    test = unseen_tasks(cfg.n_test, seed)
     gen = torch.Generator().manual_seed(seed + 31)
     t0 = time.perf_counter()
     post = ours.personalize(test.tau)
@@ -244,7 +254,7 @@ def draw_figures(out: Path, cfg: SineConfig, seed: int, test: sine.SineTasks,
             for method in ("ours", "MAML [1-100-1]"):
                 spec = inits[method][0]
                 curves[f"{method} {k_plot}-shot"] = spec.forward(tuned[(method, k_plot)][sel], x)[..., 0]
-    xs = sine.sample_x(len(test), k_plot, seed + 1000 + k_plot)[sel]
+    xs = shot_inputs(len(test), k_plot, seed)[sel]
     plots.sine_figure(out / "sine_fig2.png", x[:, 0], test.subset(sel)(x)[..., 0], curves,
                       xs[..., 0], test.subset(sel)(xs)[..., 0],
                       [f"a={test.a[i]:.2f}, b={test.b[i]:.2f}" for i in sel])
