@@ -16,10 +16,10 @@ per seed, on the same test tasks and shots as the bench:
   decoded one at its descriptor, as a new device gets), ``k`` of its probe outputs as shots,
   scored against the upload on the other probe inputs.
 * **covariance**: the readout prior's residual covariance, shared by all tasks (the product) or
-  local (the leave-one-out residuals of the ``m`` nearest zoo models, shrunk by ``lam`` towards
-  the shared one; ``m`` and ``lam`` by the zoo's held-out Gaussian likelihood of each model's own
-  residual), conditioned exactly at fixed strengths ``c``; and, as an upper bound no server can
-  reach, the test tasks' own residual covariance.
+  the one the fit chose (``FunctionSpaceGP``: the leave-one-out residuals of the nearest zoo
+  models shrunk towards the shared one, by the zoo's held-out likelihood), conditioned exactly at
+  fixed strengths ``c``; and, as an upper bound no server can reach, the test tasks' own
+  residual covariance.
 
 Writes adaptation.json and adaptation.md. Test tasks only score; nothing here is a setting.
 """
@@ -46,8 +46,6 @@ from fedfuse_sim.sine import shot_inputs, unseen_tasks
 SHOTS = (10, 20, 30, 40)
 T_GRID = (0.0, 1.0, 2.0, 3.0)  # acceptance margins, in standard errors
 FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
-# (neighbours m, shrinkage lam) of the local covariance; sizes the zoo cannot fill are skipped
-LOCAL_GRID = ((16, 0.5), (32, 0.3), (32, 0.5), (64, 0.1), (64, 0.2), (64, 0.3), (64, 0.5), (128, 0.2), (128, 0.3))
 BINS = 8
 
 
@@ -89,8 +87,7 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
     n, m = fn.y_.shape
     uploads = (fn.y_ + fn.mu_).float()
-    loo_mean, loo_scale = fn.loo_predictions(torch.arange(n))
-    w_zoo, prior_zoo = model._readout_prior(model.decode(zoo_descriptors(fn)), loo_mean.float(), loo_scale.float())
+    w_zoo, prior_zoo = model._readout_prior(model.decode(zoo_descriptors(fn)), fn.loo_predictions(torch.arange(n)))
     spread = uploads.max(1).values - uploads.min(1).values
 
     def zoo_error(w: Tensor, held: Tensor) -> Tensor:
@@ -117,44 +114,20 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     return rows
 
 
-def _held_out_loglik(z: Tensor, cov: Tensor) -> float:
-    """Mean Gaussian log-density of each row of ``z`` under its own covariance ``(n, m, m)``, each
-    loaded by 1e-3 of its mean variance so that a covariance from fewer than ``m`` residuals is
-    still a proper density."""
-    load = 1e-3 * torch.diagonal(cov, dim1=1, dim2=2).mean(1)[:, None, None]
-    chol = torch.linalg.cholesky(cov + load * torch.eye(cov.shape[-1], dtype=cov.dtype))
-    sol = torch.cholesky_solve(z[..., None], chol)[..., 0]
-    return float((-0.5 * (z * sol).sum(1) - torch.diagonal(chol, dim1=1, dim2=2).log().sum(1)).mean())
-
-
 def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int) -> dict[str, Any]:
-    """Exact conditioning on the shots under the shared, the zoo-chosen local and the test tasks'
-    own residual covariance; the local one's ``(m, lam)`` by the zoo's held-out likelihood."""
+    """Exact conditioning on the shots under the shared covariance, the one the fit chose (nearby
+    models' residuals shrunk towards the shared one, or the shared one itself) and the test
+    tasks' own residual covariance."""
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
-    z = fn.loo_residuals() / fn.loo_var_.sqrt()[:, None]  # standardized leave-one-out residuals (n, m)
-    n, m = z.shape
-    gram = z.T @ z
-    shared_loo = (gram[None] - z[:, :, None] * z[:, None, :]) / (n - 1)  # without each model itself
-    pts = fn._metric(fn.x_)
-    order = fn._nearest(pts, pts, exclude=torch.arange(n), count=n - 1)
-    scores = {"shared": _held_out_loglik(z, shared_loo)}
-    grid = {f"local {size}, lam {lam}": (size, lam) for size, lam in LOCAL_GRID if size < n}
-    for key, (size, lam) in grid.items():
-        near = z[order[:, :size]]
-        scores[key] = _held_out_loglik(z, (1 - lam) * near.transpose(1, 2) @ near / size + lam * shared_loo)
-    best = max(grid, key=scores.get)
-    size, lam = grid[best]
-
-    shared = fn.basis_.double().T @ fn.basis_.double() + torch.diag(fn.residual_.double())  # calibrated
-    kappa = shared.trace() / (gram / n).trace()
     pred = fn.predict(test.tau.double())
-    near = z[fn._nearest(fn._metric(fn._inputs(test.tau.double())), pts, count=size)]
-    local = kappa * ((1 - lam) * near.transpose(1, 2) @ near / size + lam * gram / n)
+    scale2 = pred.scale.double()[:, None, None] ** 2
+    shared = fn.basis_.double().T @ fn.basis_.double() + torch.diag(fn.residual_.double())  # calibrated
+    fs = pred.factor().double()
+    chosen = fs.transpose(1, 2) @ fs + torch.diag_embed(scale2[..., 0] * pred.residual.double())
     with torch.no_grad():
         residual = (test(probe)[..., 0] - spec.forward(post.mean, probe)[..., 0]).double()
     oracle = residual.T @ residual / len(test)
-    covs = {"shared (product)": pred.scale.double()[:, None, None] ** 2 * shared,
-            "local (m, lam: the zoo's choice)": pred.scale.double()[:, None, None] ** 2 * local,
+    covs = {"shared (product)": scale2 * shared, "the fit's choice": chosen,
             "test tasks' own (upper bound)": oracle.expand(len(test), -1, -1)}
     a, _ = readout_map(spec, post.mean, probe, model.readout_ridge_)  # (q, h + 1, probe): readout per function
     x_eval = sine.eval_grid()
@@ -177,7 +150,8 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
                 e = ((f - truth) ** 2).mean((1, 2)).sqrt() / (2 * test.a.double())
                 rows.append({"seed": seed, "shots": k, "covariance": name, "strength": c,
                              "test_nrmse": float(e.mean()), "test_worse": float((e > zero).float().mean())})
-    return {"zoo_loglik": scores, "choice": best, "rows": rows}
+    choice = f"{fn.nearby_size_} nearby, lam {fn.nearby_shrink_}" if fn.nearby_size_ else "shared"
+    return {"choice": choice, "rows": rows}
 
 
 def _table(rows: list[dict[str, Any]], keys: tuple[str, ...], cells: tuple[str, ...]) -> list[str]:
@@ -213,10 +187,10 @@ def main() -> None:
         post = model.personalize(test.tau)
         report["edges"][seed] = edges(model, test, post)
         cov = covariance(model, test, post, seed)
-        report["covariance"][seed] = {k: cov[k] for k in ("zoo_loglik", "choice")}
+        report["covariance"][seed] = {"choice": cov["choice"]}
         report["covariance_rows"] += cov["rows"]
         report["acceptance"] += acceptance(model, test, post, seed)
-        print(f"seed {seed} done: local covariance chosen on the zoo: {cov['choice']}", flush=True)
+        print(f"seed {seed} done: the fit's covariance: {cov['choice']}", flush=True)
     (args.out / "adaptation.json").write_text(json.dumps(report, indent=2))
     lines = ["## Relative RMS error per eighth of [-5, 5] (seed means)", "",
              "| what | " + " | ".join(f"bin {i + 1}" for i in range(BINS)) + " |", "|---|" + "---|" * BINS]
@@ -229,7 +203,7 @@ def main() -> None:
               "| shots | t | zoo error / 0-shot | zoo share worse | test nRMSE | test share worse |", "|---|---|---|---|---|---|"]
     lines += _table(report["acceptance"], ("shots", "threshold"), ("zoo_ratio", "zoo_worse", "test_nrmse", "test_worse"))
     choices = ", ".join(f"seed {s}: {c['choice']}" for s, c in report["covariance"].items())
-    lines += ["", f"## Residual covariance at fixed strength c, exact conditioning (seed means; local: {choices})", "",
+    lines += ["", f"## Residual covariance at fixed strength c, exact conditioning (seed means; the fit's: {choices})", "",
               "| shots | covariance | c | test nRMSE | test share worse |", "|---|---|---|---|---|"]
     lines += _table(report["covariance_rows"], ("shots", "covariance", "strength"), ("test_nrmse", "test_worse"))
     (args.out / "adaptation.md").write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ For a sine-size [1-100-1] and an MNIST-size [784-100-10] meta-model, at 1 and 2 
   Halfway through, a second meta-model is written to the store (``store.save_meta_model``); the
   run records every failed request and when the new version first answers.
 * closed loop: ``--clients`` concurrent clients for ``--burst`` seconds: the most requests/s.
-* then (``--sweep``) the sine model at one replica: 1 and 4 closed-loop clients (the latency of
+* then (``--sweep``) the sine model at ``--sweep-replicas`` (1): 1 and 4 closed-loop clients (the latency of
   a request on its own) and open loops at rising rates without a swap (where queueing starts).
 
 Both stop by themselves (time and request bounds). The meta-models are fitted here in seconds
@@ -188,7 +188,7 @@ def wait_for_version(url: str, version: str, timeout: float = 120) -> None:
 
 
 def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clients: int, burst: float,
-        sweep: list[float], access_log: bool = True) -> list[Phase]:
+        sweep: list[float], access_log: bool = True, sweep_replicas: tuple[int, ...] = (1,)) -> list[Phase]:
     torch.set_num_threads(1)
     rng = random.Random(0)
     work = {"sine": (sine_models(), _bodies([[rng.uniform(0.1, 5.0), rng.uniform(0, 3.14)] for _ in range(500)])),
@@ -220,18 +220,19 @@ def run(out_dir: Path, port: int, seconds: float, rates: dict[str, float], clien
                 closed = summarize(asyncio.run(closed_loop(url, bodies, clients, burst)), name, replicas, "closed", None)
                 phases.append(closed)
                 print(_row(closed), flush=True)
-        if sweep:  # where latency starts to grow: sine, one replica, no swap
+        if sweep:  # where latency starts to grow: sine, no swap
             models, bodies = work["sine"]
-            serve.run(build_app({"store": str(stores["sine"].root), "replicas": 1, "access_log": access_log}), name=APP_NAME, route_prefix="/")
-            wait_for_version(url, sha256_of(stores["sine"].save_meta_model(models[0])))
-            for k in (1, 4):
-                phase = summarize(asyncio.run(closed_loop(url, bodies, k, burst)), "sine", 1, f"closed, {k} client{'s' if k > 1 else ''}", None)
-                phases.append(phase)
-                print(_row(phase), flush=True)
-            for rate in sweep:
-                phase = summarize(asyncio.run(open_loop(url, bodies, rate, seconds)), "sine", 1, "open, no swap", rate)
-                phases.append(phase)
-                print(_row(phase), flush=True)
+            for replicas in sweep_replicas:
+                serve.run(build_app({"store": str(stores["sine"].root), "replicas": replicas, "access_log": access_log}), name=APP_NAME, route_prefix="/")
+                wait_for_version(url, sha256_of(stores["sine"].save_meta_model(models[0])))
+                for k in (1, 4):
+                    phase = summarize(asyncio.run(closed_loop(url, bodies, k, burst)), "sine", replicas, f"closed, {k} client{'s' if k > 1 else ''}", None)
+                    phases.append(phase)
+                    print(_row(phase), flush=True)
+                for rate in sweep:
+                    phase = summarize(asyncio.run(open_loop(url, bodies, rate, seconds)), "sine", replicas, "open, no swap", rate)
+                    phases.append(phase)
+                    print(_row(phase), flush=True)
     return phases
 
 
@@ -262,7 +263,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the closed-loop run")
     parser.add_argument("--burst", type=float, default=5.0, help="length of each closed-loop run")
     parser.add_argument("--sweep", default="50,100,130,160",
-                        help="then sine at one replica: 1 and 4 clients, and open loops at these rates ('': skip)")
+                        help="then sine: 1 and 4 clients, and open loops at these rates ('': skip)")
+    parser.add_argument("--sweep-replicas", default="1", help="the replica counts the sweep runs at, e.g. 1,2")
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy ingress instead of its Python proxy (needs the haproxy and socat binaries)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -276,7 +278,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     phases = run(args.out, args.port, args.seconds, {"sine": args.sine_rate, "mnist": args.mnist_rate}, args.clients,
-                 args.burst, [float(r) for r in args.sweep.split(",") if r], args.access_log)
+                 args.burst, [float(r) for r in args.sweep.split(",") if r], args.access_log,
+                 tuple(int(r) for r in args.sweep_replicas.split(",")))
     (args.out / "serve_load.json").write_text(json.dumps([asdict(p) for p in phases], indent=2))
     (args.out / "serve_load.md").write_text("\n".join([HEADER, *map(_row, phases)]) + "\n")
     print(f"wrote {args.out / 'serve_load.md'} and serve_load.json")

@@ -19,6 +19,12 @@ The output covariance ``C`` comes from the standardized LOO residuals and is sca
 central ``coverage`` band of the zoo's own LOO predictions holds that fraction of their values:
 the predictive band is calibrated on the zoo, not assumed. The LOO errors also give each new task
 an ``expected_error`` (a kernel-weighted average of its neighbours' relative LOO errors).
+
+Zoo models err alike where their descriptors are alike, so a new task's covariance can come
+from *nearby* models: the standardized LOO residuals of its ``size`` nearest zoo models, shrunk
+by ``lam`` towards the shared ``C``. ``(size, lam)``, or the shared ``C`` alone, is whichever
+gives each zoo model's own residual the highest held-out Gaussian likelihood under the
+covariance its neighbours give.
 """
 
 from __future__ import annotations
@@ -33,12 +39,19 @@ from torch import Tensor, nn
 from fedfuse.kernels import KERNELS, is_set_valued, make_kernel, scale_lengthscales
 from fedfuse.zoo import robust_scale
 
+# (neighbours, shrinkage towards the shared covariance) a nearby-model covariance may take;
+# sizes the zoo cannot fill are skipped
+NEARBY_GRID = ((16, 0.5), (32, 0.3), (32, 0.5), (64, 0.1), (64, 0.2), (64, 0.3), (64, 0.5), (128, 0.2), (128, 0.3))
+LIKELIHOOD_COORDS = 128  # signature entries the held-out likelihood reads (a seeded subset)
+LIKELIHOOD_MODELS = 256  # zoo models it scores (a seeded subset; their neighbours come from all)
+
 @dataclass
 class FunctionPrediction:
     """Predictive distribution of new tasks' signatures (``q`` tasks, ``m`` values each).
 
-    ``cov_q = scale_q^2 (basis^T basis + diag(residual))``: a low-rank calibrated covariance
-    shared by all tasks, scaled by each task's own GP variance.
+    ``cov_q = scale_q^2 (nearby_q^T nearby_q + basis^T basis + diag(residual))``: a calibrated
+    low-rank-plus-diagonal covariance, its ``nearby`` rows from the task's nearest zoo models (none
+    where the zoo chose the shared covariance), scaled by each task's own GP variance.
     """
 
     mean: Tensor  # (q, m)
@@ -47,14 +60,26 @@ class FunctionPrediction:
     residual: Tensor  # (m,)
     novelty: Tensor  # (q,) predictive over prior variance: 0 among the zoo, 1 far from it
     expected_error: Tensor  # (q,) predicted relative error of ``mean``
+    nearby: Tensor | None = None  # (q, s, m)
 
     @property
     def variance(self) -> Tensor:
-        return self.scale[:, None] ** 2 * ((self.basis**2).sum(0) + self.residual)
+        var = (self.basis**2).sum(0) + self.residual
+        if self.nearby is not None:
+            var = var + (self.nearby**2).sum(1)
+        return self.scale[:, None] ** 2 * var
 
     def factor(self) -> Tensor:
-        """``(q, r, m)``: ``mean + factor^T xi`` with ``xi ~ N(0, I_r)`` samples the low-rank part."""
-        return self.scale[:, None, None] * self.basis
+        """``(q, k, m)``: ``mean + factor^T xi`` with ``xi ~ N(0, I_k)`` samples the low-rank part;
+        ``k = s + r``, or ``m`` rows with the same product where ``s + r`` would exceed ``m`` (a
+        small probe: the readout prior and the wire stay as small as the function space)."""
+        rows = self.basis.expand(self.scale.shape[0], -1, -1)
+        if self.nearby is not None:
+            rows = torch.cat([self.nearby, rows], 1)
+            if rows.shape[1] > rows.shape[2]:
+                w, v = torch.linalg.eigh(rows.double().transpose(1, 2) @ rows.double())
+                rows = (v * w.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2).to(rows.dtype)
+        return self.scale[:, None, None] * rows
 
 
 @dataclass
@@ -224,12 +249,14 @@ class FunctionSpaceGP(nn.Module):
         z = (std.abs() / marginal.sqrt()).flatten()
         kappa = float(torch.quantile(z, self.coverage) / _quantile(self.coverage)) if z.numel() else 1.0
         self.basis_, self.residual_ = kappa * basis, kappa**2 * residual
+        self.nearby_residuals_ = kappa * std
         self.loo_var_ = loo.variance
         # relative LOO error of each model: its error over its own spread across the outputs
         spread = (self.y_[loo.index] + self.mu_ - (self.y_[loo.index] + self.mu_).mean(1, keepdim=True))
         self.loo_error_ = loo.residual.norm(dim=1) / spread.norm(dim=1).clamp_min(1e-12)
         self.loo_index_ = loo.index
         self.error_neighbours_ = self._choose_error_neighbours()
+        self.nearby_size_, self.nearby_shrink_ = self._choose_nearby_covariance()
 
     def _choose_error_neighbours(self) -> int:
         """How many nearest zoo models' LOO errors predict a new task's error: the count whose
@@ -243,9 +270,48 @@ class FunctionSpaceGP(nn.Module):
                   for k in (1, 2, 4, 8, 16, 32, 64) if k < n}
         return min(scores, key=scores.get)
 
+    def _choose_nearby_covariance(self) -> tuple[int, float]:
+        """``(size, lam)`` of the nearby-model covariance, ``(0, 1.0)`` for the shared one: whichever
+        gives the zoo models' own residuals the highest held-out likelihood, each under the
+        covariance of its nearest other models (and the shared one without it)."""
+        z = self.nearby_residuals_
+        a, m = z.shape
+        grid = [(size, lam) for size, lam in NEARBY_GRID if size < a - 1]
+        if not grid:
+            return 0, 1.0
+        gen = torch.Generator().manual_seed(self.seed)
+        if m > LIKELIHOOD_COORDS:  # a marginal of the same Gaussians: a seeded subset of entries
+            z = z[:, torch.randperm(m, generator=gen)[:LIKELIHOOD_COORDS]]
+        rows = torch.randperm(a, generator=gen)[:LIKELIHOOD_MODELS].sort().values
+        zr = z[rows]
+        shared = ((z.T @ z)[None] - zr[:, :, None] * zr[:, None, :]) / (a - 1)  # each model left out
+        pts = self._metric(self.x_[self.loo_index_])
+        order = self._nearest(pts[rows], pts, exclude=rows, count=max(size for size, _ in grid))
+        scores = {(0, 1.0): held_out_loglik(zr, shared)}
+        for size, lam in grid:
+            near = z[order[:, :size]]
+            scores[(size, lam)] = held_out_loglik(zr, (1 - lam) * near.transpose(1, 2) @ near / size + lam * shared)
+        return max(scores, key=scores.get)
+
+    def _nearby_rows(self, order: Tensor) -> Tensor | None:
+        """The nearby-model covariance's rows ``(q, size, m)`` for tasks whose nearest LOO models,
+        nearest first, are ``order`` ``(q, >= size)``; ``None`` for the shared covariance."""
+        if not self.nearby_size_:
+            return None
+        return self.nearby_residuals_[order[:, : self.nearby_size_]] * math.sqrt(
+            (1 - self.nearby_shrink_) / self.nearby_size_)
+
+    def _prediction(self, mean: Tensor, var: Tensor, kss: Tensor, expected: Tensor,
+                    nearby: Tensor | None) -> FunctionPrediction:
+        shrink = self.nearby_shrink_
+        return FunctionPrediction(mean.float(), var.sqrt().float(), math.sqrt(shrink) * self.basis_.float(),
+                                  shrink * self.residual_.float(), (var / kss).clamp(0, 1).float(), expected.float(),
+                                  None if nearby is None else nearby.float())
+
     @torch.no_grad()
     def _condition(self) -> None:
         """What predictions need; called by fit and by load (one path)."""
+        self.loo_points_ = self._metric(self.x_[self.loo_index_])  # where each request's neighbours are sought
         if not self.local:
             k = _k(self.kernel_, self.x_, self.x_) + torch.diag(self.log_noise_.exp() * self.noise_scale_ + 1e-8)
             self.chol_ = torch.linalg.cholesky(k)
@@ -273,23 +339,34 @@ class FunctionSpaceGP(nn.Module):
         var = (kss - explained).clamp_min(1e-12)
         # expected relative error: the nearest zoo models' LOO errors (geometric mean), grown by
         # how much less the GP knows here than at a typical zoo model
-        near = self._nearest(self._metric(x), self._metric(self.x_[self.loo_index_]),
-                             count=self.error_neighbours_)
-        smoothed = self.loo_error_.clamp_min(1e-12).log()[near].mean(1).exp()
+        order = self._nearest(self._metric(x), self.loo_points_, count=max(self.error_neighbours_, self.nearby_size_))
+        smoothed = self.loo_error_.clamp_min(1e-12).log()[order[:, : self.error_neighbours_]].mean(1).exp()
         expected = smoothed * (var / self.loo_var_.median()).clamp_min(1).sqrt()
-        return FunctionPrediction((mean + self.mu_).float(), var.sqrt().float(), self.basis_.float(),
-                                  self.residual_.float(), (var / kss).clamp(0, 1).float(), expected.float())
+        return self._prediction(mean + self.mu_, var, kss, expected, self._nearby_rows(order))
 
     @torch.no_grad()
-    def loo_predictions(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Leave-one-out predictive mean ``(a, m)`` and scale ``(a,)`` of zoo models ``index``:
-        what the GP would have told each of them as a new device."""
+    def loo_predictions(self, index: Tensor) -> FunctionPrediction:
+        """Leave-one-out predictives of zoo models ``index``: what the GP would have told each
+        of them as a new device (a nearby-model covariance from its nearest *other* models; the
+        expected error is the model's own LOO error where it has one)."""
         if self.local:
             loo = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, index)
         else:
             full = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, None)
             loo = _Loo(full.residual[index], full.variance[index], index)
-        return self.y_[index] - loo.residual + self.mu_, loo.variance.sqrt()
+        x = self.x_[index]
+        kss = _kdiag(self.kernel_, x) + self.log_noise_.exp()
+        position = torch.full((self.x_.shape[0],), -1, dtype=torch.long)
+        position[self.loo_index_] = torch.arange(len(self.loo_index_))
+        own = position[index]
+        expected = torch.where(own >= 0, self.loo_error_[own.clamp_min(0)], self.loo_error_.median())
+        nearby = None
+        if self.nearby_size_:
+            if bool((own < 0).any()):
+                raise ValueError("a nearby-model covariance's leave-one-out is only for the models it was built from")
+            nearby = self._nearby_rows(self._nearest(self._metric(x), self.loo_points_, exclude=own,
+                                                     count=self.nearby_size_))
+        return self._prediction(self.y_[index] - loo.residual + self.mu_, loo.variance, kss, expected, nearby)
 
     def loo_residuals(self) -> Tensor:
         """The zoo's own leave-one-out residuals at the fitted settings ``(n, m)`` (exact zoos)."""
@@ -302,10 +379,11 @@ class FunctionSpaceGP(nn.Module):
         tensors = {"x": self.x_, "y": self.y_, "mu": self.mu_, "loc": self.loc_, "tau_scale": self.tau_scale_,
                    "noise_scale": self.noise_scale_,
                    "log_noise": self.log_noise_, "basis": self.basis_, "residual": self.residual_,
-                   "loo_var": self.loo_var_, "loo_error": self.loo_error_, "loo_index": self.loo_index_}
+                   "loo_var": self.loo_var_, "loo_error": self.loo_error_, "loo_index": self.loo_index_,
+                   "nearby_residuals": self.nearby_residuals_}
         tensors |= {f"kernel.{k}": v for k, v in self.kernel_.state_dict().items()}
         meta = {"kernel": self.kernel_name_, "candidates": self.candidates_,
-                "error_neighbours": self.error_neighbours_,
+                "error_neighbours": self.error_neighbours_, "nearby": [self.nearby_size_, self.nearby_shrink_],
                 "settings": {"kernel": self.kernel_choice, "exact_fit": self.exact_fit, "max_exact": self.max_exact,
                              "neighbours": self.neighbours, "anchors": self.anchors, "steps": self.steps,
                              "lr": self.lr, "rank": self.rank, "coverage": self.coverage, "seed": self.seed}}
@@ -322,6 +400,11 @@ class FunctionSpaceGP(nn.Module):
         self.loo_var_, self.loo_error_ = tensors["loo_var"], tensors["loo_error"]
         self.loo_index_ = tensors["loo_index"].long()
         self.error_neighbours_ = int(meta["error_neighbours"])
+        # fits saved before nearby covariances existed keep the shared one
+        self.nearby_residuals_ = tensors.get("nearby_residuals", torch.zeros(len(self.loo_index_), self.y_.shape[1],
+                                                                             dtype=torch.float64))
+        size, shrink = meta.get("nearby", (0, 1.0))
+        self.nearby_size_, self.nearby_shrink_ = int(size), float(shrink)
         self.kernel_ = make_kernel(self.kernel_name_, self.x_.shape[1])
         self.kernel_.load_state_dict({k[len("kernel."):]: v for k, v in tensors.items() if k.startswith("kernel.")})
         self.kernel_.requires_grad_(False)
@@ -341,6 +424,16 @@ def _kdiag(kernel: gpytorch.kernels.Kernel, a: Tensor) -> Tensor:
     if isinstance(kernel, gpytorch.kernels.AdditiveKernel):
         return sum(_kdiag(part, a) for part in kernel.kernels)
     return kernel(a, a, diag=True)
+
+
+def held_out_loglik(z: Tensor, cov: Tensor) -> float:
+    """Mean Gaussian log-density of each row of ``z`` ``(a, m)`` under its own covariance
+    ``(a, m, m)``, each loaded by 1e-3 of its mean variance so that one built from fewer than
+    ``m`` residuals is still a proper density."""
+    load = 1e-3 * torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
+    chol = torch.linalg.cholesky(cov + load * torch.eye(cov.shape[-1], dtype=cov.dtype))
+    sol = torch.cholesky_solve(z[..., None], chol)[..., 0]
+    return float((-0.5 * (z * sol).sum(1) - torch.diagonal(chol, dim1=1, dim2=2).log().sum(1)).mean())
 
 
 def _quantile(coverage: float) -> float:

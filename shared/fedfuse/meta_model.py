@@ -32,7 +32,7 @@ from fedfuse import architectures, fitter
 from fedfuse.architectures import Architecture
 from fedfuse.decoder import WeightDecoder
 from fedfuse.errors import FedfuseError, NotFittedError
-from fedfuse.function_space import FunctionSpaceGP
+from fedfuse.function_space import FunctionPrediction, FunctionSpaceGP
 from fedfuse.io import load_tensors, save_tensors
 from fedfuse.parallel import ParallelMap
 from fedfuse.pic import FrozenPrior, SparseLocalizedGP
@@ -234,26 +234,30 @@ class MetaModel:
         with torch.no_grad():
             return torch.cat([self.spec_.forward(w, self.probe_).flatten(1) for w in weights.split(1024)])
 
-    def _readout_prior(self, base: Tensor, mean: Tensor, scale: Tensor) -> tuple[Tensor, ReadoutGaussian]:
-        """Weights with the readout solved to compute the predicted functions ``mean`` on the
-        probe, and the Gaussian over readouts that the function-space predictive maps to."""
-        fn, spec = self.function_, self.spec_
-        q = base.shape[0]
-        if spec.is_vector and self.probe_ is None:  # the vector is its own signature
-            factor = scale[:, None, None] * fn.basis_.float().T  # (q, d, r)
-            diag = scale[:, None] ** 2 * fn.residual_.float()
-            return mean, ReadoutGaussian(mean, factor, diag)
-        n_out = spec.num_outputs
+    def _solved_readout(self, base: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """``base`` with each readout solved so that the network computes ``mean`` ``(q, N * out)``
+        on the probe, and the linear map ``(q, h + 1, N)`` from a function to its readout."""
+        spec, n_out, q = self.spec_, self.spec_.num_outputs, base.shape[0]
         a, b = readout_map(spec, base, self.probe_, self.readout_ridge_)  # (q, h+1, N), (q, h+1, h+1)
-        target = mean.double().reshape(q, -1, n_out)
-        readout = a @ target + b @ get_readout(spec, base).double()
-        basis = fn.basis_.reshape(fn.basis_.shape[0], -1, n_out)  # (r, N, out)
-        factor = torch.einsum("qhn,rnc->qhcr", a, basis) * scale.double()[:, None, None, None]
-        diag = torch.einsum("qhn,nc->qhc", a**2, fn.residual_.reshape(-1, n_out)) * scale.double()[:, None, None] ** 2
-        p = readout.shape[1] * n_out
+        readout = a @ mean.double().reshape(q, -1, n_out) + b @ get_readout(spec, base).double()
         weights = base.clone()
-        weights[:, spec.readout_index.flatten()] = readout.reshape(q, p).float()
-        return weights, ReadoutGaussian(readout.reshape(q, p).float(), factor.reshape(q, p, -1).float(),
+        weights[:, spec.readout_index.flatten()] = readout.reshape(q, -1).float()
+        return weights, a
+
+    def _readout_prior(self, base: Tensor, pred: FunctionPrediction) -> tuple[Tensor, ReadoutGaussian]:
+        """Weights whose readout computes the predicted functions on the probe, and the Gaussian
+        over readouts that the function-space predictive maps to."""
+        spec, q = self.spec_, base.shape[0]
+        factor, diag = pred.factor(), pred.scale[:, None] ** 2 * pred.residual  # (q, R, m), (q, m)
+        if spec.is_vector and self.probe_ is None:  # the vector is its own signature
+            return pred.mean, ReadoutGaussian(pred.mean, factor.transpose(1, 2), diag)
+        n_out = spec.num_outputs
+        weights, a = self._solved_readout(base, pred.mean)
+        a = a.float()  # single precision, as the prior is kept: the map is the request's largest product
+        factor = torch.einsum("qhn,qrnc->qhcr", a, factor.reshape(q, factor.shape[1], -1, n_out))
+        diag = torch.einsum("qhn,qnc->qhc", a**2, diag.reshape(q, -1, n_out))
+        p = a.shape[1] * n_out
+        return weights, ReadoutGaussian(weights[:, spec.readout_index.flatten()], factor.reshape(q, p, -1).float(),
                                         diag.reshape(q, p).float())
 
     # -- use ----------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ class MetaModel:
             return WeightPosterior(self.spec_, decoded, code_loc=code_mean, code_variance=code_var,
                                    uncertainty=ratio, novelty=ratio, decoded=codes, seed=self.seed)
         pred = self.function_.predict(t)
-        weights, readout = self._readout_prior(decoded, pred.mean, pred.scale)
+        weights, readout = self._readout_prior(decoded, pred)
         uncertainty = pred.expected_error
         if self.likelihood == "softmax":  # the expected share of probe inputs it misclassifies
             probs = torch.softmax(pred.mean.reshape(q, -1, self.spec_.num_outputs), -1)
@@ -312,7 +316,7 @@ class MetaModel:
         mean, _ = self.module_.decode(self.module_.codes.loc)
         if own_readout and self.function_ is not None:
             own = (self.function_.y_ + self.function_.mu_).float()
-            mean, _ = self._readout_prior(mean, own, torch.zeros(len(mean)))
+            mean, _ = self._solved_readout(mean, own)
         return mean
 
     # -- persistence --------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
              "selected": {"kernel": fits["ours"].function_.kernel_name_,
                           "kernel_loo": fits["ours"].function_.candidates_,
                           "readout_ridge": fits["ours"].readout_ridge_,
+                          "nearby_covariance": [fits["ours"].function_.nearby_size_, fits["ours"].function_.nearby_shrink_],
                           "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}
     return rows, extra
 

@@ -106,6 +106,7 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
                                            "values": unc.tolist(), "error": rmse.tolist()}
             recon[f"{dim}-dim"] = reconstruction(meta, items, users, ratings, sp)
             selected[f"{dim}-dim"] = {"kernel": meta.function_.kernel_name_, "kernel_loo": meta.function_.candidates_,
+                                      "nearby_covariance": [meta.function_.nearby_size_, meta.function_.nearby_shrink_],
                                       "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}
             bar.update(description=f"MovieLens {dim}-dim")
     return rows, {"timings": timings, "uncertainty": calib, "reconstruction_rmse": recon, "selected": selected}

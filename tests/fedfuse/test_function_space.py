@@ -119,3 +119,66 @@ def test_auto_tries_overlap_only_for_set_valued_descriptors():
     assert "overlap" in FunctionSpaceGP(steps=5).fit(tau, sig).candidates_
     with pytest.raises(ValueError, match="unknown kernel"):
         make_kernel("cosine", 2)
+
+
+def _regional_zoo(n: int, seed: int, regional: bool):
+    """A smooth zoo whose models err along one direction on the left of the descriptor range and
+    another on the right (``regional``), or isotropically."""
+    gen = torch.Generator().manual_seed(seed)
+    tau = torch.rand(n, 1, generator=gen) * 4
+    grid = torch.linspace(-3, 3, 16)
+    sig = torch.sin(grid[None, :] + tau)
+    if regional:
+        left, right = torch.sin(2 * grid), torch.cos(3 * grid)
+        direction = torch.where(tau < 2, left[None, :], right[None, :])
+        return tau, sig + 0.05 * torch.randn(n, 1, generator=gen) * direction
+    return tau, sig + 0.05 * torch.randn(sig.shape, generator=gen)
+
+
+def test_nearby_covariance_is_chosen_where_models_err_alike_by_region():
+    regional = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    assert regional.nearby_size_ > 0 and regional.nearby_shrink_ < 1
+    pred = regional.predict(torch.tensor([[0.5], [3.5]]))
+    assert pred.nearby.shape == (2, regional.nearby_size_, 16)
+    isotropic = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=False))
+    assert (isotropic.nearby_size_, isotropic.nearby_shrink_) == (0, 1.0)
+    assert isotropic.predict(torch.tensor([[0.5]])).nearby is None
+
+
+def test_nearby_rows_point_along_the_region_s_own_error():
+    gp = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    grid = torch.linspace(-3, 3, 16)
+    left = torch.sin(2 * grid) / torch.sin(2 * grid).norm()
+    rows = gp.predict(torch.tensor([[0.5], [3.5]])).factor()  # (2, s + r, 16)
+    along = [(r @ left).pow(2).sum() / r.pow(2).sum() for r in rows]
+    assert along[0] > 0.5 > along[1]
+
+
+def test_prediction_factor_and_variance_agree(fitted):
+    gp = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    for model in (gp, fitted[2]):
+        pred = model.predict(torch.tensor([[1.0, 3.0], [0.2, 0.1]])[:, : model.x_.shape[1]])
+        direct = pred.factor().pow(2).sum(1) + pred.scale[:, None] ** 2 * pred.residual
+        assert torch.allclose(pred.variance, direct, rtol=1e-5)
+
+
+def test_loo_predictions_never_use_the_model_s_own_residual():
+    gp = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    index = torch.arange(0, 120, 7)
+    loo = gp.loo_predictions(index)
+    scale = math.sqrt((1 - gp.nearby_shrink_) / gp.nearby_size_)
+    for row, i in zip(loo.nearby, index.tolist()):
+        own = (gp.nearby_residuals_[i] * scale).float()
+        assert not any(torch.allclose(r, own) for r in row)
+    assert torch.allclose(loo.mean.double(), gp.y_[index] - gp.loo_residuals()[index] + gp.mu_, atol=1e-5)
+
+
+def test_state_round_trip_keeps_the_nearby_covariance_and_older_fits_keep_the_shared_one():
+    gp = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    tensors, meta = gp.state()
+    q = torch.tensor([[0.5], [3.5]])
+    back = FunctionSpaceGP.from_state(tensors, meta).predict(q)
+    assert torch.equal(back.factor(), gp.predict(q).factor())
+    older = {k: v for k, v in tensors.items() if k != "nearby_residuals"}
+    old = FunctionSpaceGP.from_state(older, {k: v for k, v in meta.items() if k != "nearby"}).predict(q)
+    assert old.nearby is None and torch.equal(old.basis, gp.basis_.float())

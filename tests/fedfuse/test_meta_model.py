@@ -1,3 +1,4 @@
+import copy
 import math
 import pytest
 import torch
@@ -238,3 +239,22 @@ def test_gp_blocks_leave_small_zoos_as_they_were_and_subsample_larger_ones(fitte
     assert few.module_.prior.num_blocks > 2
     assert len(_gp_blocks(few, torch.Generator().manual_seed(0))) == 2
     assert all(math.isfinite(h["elbo"]) for h in few.history_)
+
+
+def test_readout_prior_is_the_function_space_predictive_mapped_through_the_readout_solve(fitted):
+    model = copy.deepcopy(fitted)
+    model.function_.nearby_size_, model.function_.nearby_shrink_ = 8, 0.5  # rows from nearby models too
+    tau = torch.tensor([[1.0, 0.5], [4.0, 2.5]])
+    pred = model.function_.predict(tau)
+    post = model.personalize(tau)
+    assert pred.nearby is not None and post.readout.factor.shape[-1] == pred.factor().shape[1]
+    _, a = model._solved_readout(post.mean, pred.mean)  # sine: one output, so (q, h + 1, N) maps functions
+    fs = pred.factor().double()
+    cov_fs = fs.transpose(1, 2) @ fs + torch.diag_embed(pred.scale.double()[:, None] ** 2 * pred.residual.double())
+    f = post.readout.factor.double()
+    cov = f @ f.transpose(1, 2) + torch.diag_embed(post.readout.diag.double())
+    low_rank = a @ fs.transpose(1, 2) @ fs @ a.transpose(1, 2)
+    off = ~torch.eye(cov.shape[-1], dtype=torch.bool)
+    assert torch.allclose(cov[:, off], low_rank[:, off], rtol=1e-3, atol=1e-8)  # the diagonal part stays diagonal
+    full = a @ cov_fs @ a.transpose(1, 2)
+    assert torch.allclose(post.readout.variance.double(), torch.diagonal(full, dim1=1, dim2=2), rtol=1e-3, atol=1e-8)

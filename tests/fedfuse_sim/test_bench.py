@@ -33,6 +33,8 @@ def test_sine_smoke(tmp_path):
     assert -1 <= seed["uncertainty"]["spearman"] <= 1 and set(seed["uncertainty"]["coverage"]) >= {"0.90"}
     assert set(seed["reconstruction_nrmse"]) == {"uploaded", "decoded", "decoded + own readout"}
     assert set(seed["worse_than_0shot"]) == {"10-shot"} and seed["selected"]["kernel"] in ("rbf", "rbf+linear", "overlap")
+    size, shrink = seed["selected"]["nearby_covariance"]
+    assert (size, shrink) == (0, 1.0) or (size > 0 and 0 < shrink < 1)  # the shared covariance, or nearby models shrunk towards it
     for name in ("sine_fig2.png", "fit_history.png", "uncertainty.png", "meta_model_seed0.safetensors"):
         assert (tmp_path / name).stat().st_size > 0
 
