@@ -252,7 +252,7 @@ def _choose_readout_ridge(model: "MetaModel", zoo: ModelZoo, gen: torch.Generato
     fn, spec, probe = model.function_, model.spec_, model.probe_
     n_out = spec.num_outputs
     pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=gen)[:models]]
-    mean = fn.loo_predictions(pick).mean.double()
+    mean = fn.loo_predictions(pick, nearby=False).mean.double()
     truth = model._signatures(zoo.weights[pick]).double().reshape(len(pick), -1, n_out)
     spread = (truth - truth.mean(1, keepdim=True)).norm(dim=(1, 2))
     base = model.reconstruct()[pick]

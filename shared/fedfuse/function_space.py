@@ -23,8 +23,10 @@ an ``expected_error`` (a kernel-weighted average of its neighbours' relative LOO
 Zoo models err alike where their descriptors are alike, so a new task's covariance can come
 from *nearby* models: the standardized LOO residuals of its ``size`` nearest zoo models, shrunk
 by ``lam`` towards the shared ``C``. ``(size, lam)``, or the shared ``C`` alone, is whichever
-gives each zoo model's own residual the highest held-out Gaussian likelihood under the
-covariance its neighbours give.
+gives the zoo models' own residuals the highest held-out Gaussian likelihood under the
+covariance their neighbours give (a seeded subset of at most 256 models and 128 signature
+entries is scored; the shared option is scored as the full empirical covariance, which the
+served rank-``rank``-plus-diagonal ``C`` equals on probes of up to ``rank`` entries).
 """
 
 from __future__ import annotations
@@ -144,10 +146,12 @@ class FunctionSpaceGP(nn.Module):
     def _nearest(self, query: Tensor, x: Tensor, exclude: Tensor | None = None,
                  count: int | None = None) -> Tensor:
         """Indices ``(q, M)`` of the ``count`` (default ``neighbours``) zoo tasks nearest each
-        query in the kernel's input space, leaving out each query's own index when given."""
+        query in the kernel's input space, leaving out each query's own index when given (and
+        not negative)."""
         dist = torch.cdist(query.detach(), x.detach())
-        if exclude is not None:
-            dist[torch.arange(len(exclude)), exclude] = math.inf
+        if exclude is not None:  # a negative index: nothing of that query's own to leave out
+            keep = exclude >= 0
+            dist[torch.arange(len(exclude))[keep], exclude[keep]] = math.inf
         m = min(count or self.neighbours, x.shape[0] - (exclude is not None))
         return dist.topk(m, largest=False).indices
 
@@ -249,7 +253,7 @@ class FunctionSpaceGP(nn.Module):
         z = (std.abs() / marginal.sqrt()).flatten()
         kappa = float(torch.quantile(z, self.coverage) / _quantile(self.coverage)) if z.numel() else 1.0
         self.basis_, self.residual_ = kappa * basis, kappa**2 * residual
-        self.nearby_residuals_ = kappa * std
+        self.nearby_residuals_ = (kappa * std).float()  # gathered per request: single precision
         self.loo_var_ = loo.variance
         # relative LOO error of each model: its error over its own spread across the outputs
         spread = (self.y_[loo.index] + self.mu_ - (self.y_[loo.index] + self.mu_).mean(1, keepdim=True))
@@ -274,7 +278,7 @@ class FunctionSpaceGP(nn.Module):
         """``(size, lam)`` of the nearby-model covariance, ``(0, 1.0)`` for the shared one: whichever
         gives the zoo models' own residuals the highest held-out likelihood, each under the
         covariance of its nearest other models (and the shared one without it)."""
-        z = self.nearby_residuals_
+        z = self.nearby_residuals_.double()
         a, m = z.shape
         grid = [(size, lam) for size, lam in NEARBY_GRID if size < a - 1]
         if not grid:
@@ -345,10 +349,11 @@ class FunctionSpaceGP(nn.Module):
         return self._prediction(mean + self.mu_, var, kss, expected, self._nearby_rows(order))
 
     @torch.no_grad()
-    def loo_predictions(self, index: Tensor) -> FunctionPrediction:
+    def loo_predictions(self, index: Tensor, nearby: bool = True) -> FunctionPrediction:
         """Leave-one-out predictives of zoo models ``index``: what the GP would have told each
         of them as a new device (a nearby-model covariance from its nearest *other* models; the
-        expected error is the model's own LOO error where it has one)."""
+        expected error is the model's own LOO error where it has one). ``nearby=False`` leaves
+        the nearby rows out: for callers that read the mean only (they cost ``q s m`` floats)."""
         if self.local:
             loo = self._loo(self.kernel_, self.log_noise_, self.x_, self.y_, index)
         else:
@@ -360,13 +365,11 @@ class FunctionSpaceGP(nn.Module):
         position[self.loo_index_] = torch.arange(len(self.loo_index_))
         own = position[index]
         expected = torch.where(own >= 0, self.loo_error_[own.clamp_min(0)], self.loo_error_.median())
-        nearby = None
-        if self.nearby_size_:
-            if bool((own < 0).any()):
-                raise ValueError("a nearby-model covariance's leave-one-out is only for the models it was built from")
-            nearby = self._nearby_rows(self._nearest(self._metric(x), self.loo_points_, exclude=own,
-                                                     count=self.nearby_size_))
-        return self._prediction(self.y_[index] - loo.residual + self.mu_, loo.variance, kss, expected, nearby)
+        rows = None
+        if nearby and self.nearby_size_:
+            rows = self._nearby_rows(self._nearest(self._metric(x), self.loo_points_, exclude=own,
+                                                   count=self.nearby_size_))
+        return self._prediction(self.y_[index] - loo.residual + self.mu_, loo.variance, kss, expected, rows)
 
     def loo_residuals(self) -> Tensor:
         """The zoo's own leave-one-out residuals at the fitted settings ``(n, m)`` (exact zoos)."""
@@ -401,8 +404,8 @@ class FunctionSpaceGP(nn.Module):
         self.loo_index_ = tensors["loo_index"].long()
         self.error_neighbours_ = int(meta["error_neighbours"])
         # fits saved before nearby covariances existed keep the shared one
-        self.nearby_residuals_ = tensors.get("nearby_residuals", torch.zeros(len(self.loo_index_), self.y_.shape[1],
-                                                                             dtype=torch.float64))
+        self.nearby_residuals_ = (tensors["nearby_residuals"] if "nearby_residuals" in tensors
+                                  else torch.zeros(0, self.y_.shape[1]))
         size, shrink = meta.get("nearby", (0, 1.0))
         self.nearby_size_, self.nearby_shrink_ = int(size), float(shrink)
         self.kernel_ = make_kernel(self.kernel_name_, self.x_.shape[1])

@@ -41,7 +41,8 @@ from fedfuse.readout import get_readout, readout_map
 from fedfuse.variational import DiagonalGaussian
 from fedfuse.zoo import ModelZoo, check_descriptor
 
-FORMAT = "fedfuse.meta_model/2"
+FORMAT = "fedfuse.meta_model/3"  # /3: the readout prior's nearby covariance
+READABLE = ("fedfuse.meta_model/2", FORMAT)  # a /2 fit loads with the shared covariance
 
 
 class ZooModel(nn.Module):
@@ -316,6 +317,8 @@ class MetaModel:
         mean, _ = self.module_.decode(self.module_.codes.loc)
         if own_readout and self.function_ is not None:
             own = (self.function_.y_ + self.function_.mu_).float()
+            if self.spec_.is_vector and self.probe_ is None:  # the vector is its own signature
+                return own
             mean, _ = self._solved_readout(mean, own)
         return mean
 
@@ -339,7 +342,7 @@ class MetaModel:
     @classmethod
     def load(cls, path: str | os.PathLike, pmap: ParallelMap | None = None) -> "MetaModel":
         tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in READABLE:
             raise FedfuseError(f"{path} holds {meta.get('format')!r}, not a meta-model ({FORMAT})")
         settings = meta["settings"]
         settings["hidden"] = tuple(settings["hidden"])

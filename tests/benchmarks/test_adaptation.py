@@ -40,7 +40,6 @@ def test_the_adaptation_report_runs_on_saved_fits(tmp_path):
     cov = report["covariance"]["0"]
     fn = model.function_
     assert cov["choice"] == (f"{fn.nearby_size_} nearby, lam {fn.nearby_shrink_}" if fn.nearby_size_ else "shared")
-    assert fn.nearby_size_ < 29  # 30 models: no neighbourhood the zoo cannot fill
     edges = report["edges"]["0"]
     assert 0 < edges["readout floor nRMSE"] <= edges["0-shot nRMSE"]  # the best readout on the same features
     assert len(report["covariance_rows"]) == 4 * 3 * 2

@@ -182,3 +182,33 @@ def test_state_round_trip_keeps_the_nearby_covariance_and_older_fits_keep_the_sh
     older = {k: v for k, v in tensors.items() if k != "nearby_residuals"}
     old = FunctionSpaceGP.from_state(older, {k: v for k, v in meta.items() if k != "nearby"}).predict(q)
     assert old.nearby is None and torch.equal(old.basis, gp.basis_.float())
+
+
+def test_the_served_covariance_is_the_scored_mixture_of_nearby_residuals_and_the_shared_one():
+    gp = FunctionSpaceGP(kernel="rbf", steps=20).fit(*_regional_zoo(120, 0, regional=True))
+    size, lam = gp.nearby_size_, gp.nearby_shrink_
+    tau = torch.tensor([[0.5], [2.2], [3.5]])
+    pred = gp.predict(tau)
+    f = pred.factor().double()
+    served = f.transpose(1, 2) @ f + torch.diag_embed(pred.scale.double()[:, None] ** 2 * pred.residual.double())
+    pts = gp._metric(gp.x_[gp.loo_index_])
+    near = torch.cdist(gp._metric(gp._inputs(tau)), pts).topk(size, largest=False).indices
+    z = gp.nearby_residuals_.double()[near]  # (3, size, 16)
+    shared = gp.basis_.T @ gp.basis_ + torch.diag(gp.residual_)
+    expected = pred.scale.double()[:, None, None] ** 2 * ((1 - lam) * z.transpose(1, 2) @ z / size + lam * shared)
+    assert torch.allclose(served, expected, rtol=1e-4, atol=1e-7)  # full matrices, after the compression
+
+
+def test_nearby_covariance_on_zoos_beyond_the_scored_subset_and_in_local_mode():
+    tau, sig = _regional_zoo(300, 1, regional=True)
+    exact = FunctionSpaceGP(kernel="rbf", steps=10).fit(tau, sig)  # 300 LOO models, 256 of them scored
+    assert exact.nearby_size_ > 0
+    local = FunctionSpaceGP(kernel="rbf", steps=10, exact_fit=100, max_exact=100, anchors=128).fit(tau, sig)
+    assert local.local and len(local.loo_index_) == 128
+    loo = local.loo_predictions(torch.arange(300))  # anchors and the rest alike
+    assert loo.mean.shape == (300, 16)
+    if local.nearby_size_:
+        scale = math.sqrt((1 - local.nearby_shrink_) / local.nearby_size_)
+        for j, i in enumerate(local.loo_index_.tolist()):  # an anchor never sees its own residual
+            own = local.nearby_residuals_[j] * scale
+            assert not any(torch.allclose(r, own) for r in loo.nearby[i])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedfuse.errors import DescriptorError, NotFittedError
+from fedfuse.errors import DescriptorError, FedfuseError, NotFittedError
 from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import sine
@@ -109,6 +109,20 @@ def test_save_load_round_trips_to_identical_initializers(fitted, tmp_path):
     assert torch.equal(back.personalize(tau).variance, fitted.personalize(tau).variance)
     assert torch.equal(back.personalize(tau).uncertainty, fitted.personalize(tau).uncertainty)
     assert back.get_params() == fitted.get_params()
+
+
+def test_the_previous_format_still_loads_and_an_unknown_one_is_refused(fitted, tmp_path, monkeypatch):
+    from fedfuse import meta_model
+
+    monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/2")  # what the last release wrote
+    fitted.save(tmp_path / "v2.safetensors")
+    monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/1")
+    fitted.save(tmp_path / "v1.safetensors")
+    monkeypatch.undo()
+    tau = torch.tensor([[1.0, 0.5]])
+    assert torch.equal(MetaModel.load(tmp_path / "v2.safetensors").personalize(tau).mean, fitted.personalize(tau).mean)
+    with pytest.raises(FedfuseError, match="not a meta-model"):
+        MetaModel.load(tmp_path / "v1.safetensors")
 
 
 def test_unfitted_and_bad_descriptors_are_refused(fitted):
@@ -258,3 +272,14 @@ def test_readout_prior_is_the_function_space_predictive_mapped_through_the_reado
     assert torch.allclose(cov[:, off], low_rank[:, off], rtol=1e-3, atol=1e-8)  # the diagonal part stays diagonal
     full = a @ cov_fs @ a.transpose(1, 2)
     assert torch.allclose(post.readout.variance.double(), torch.diagonal(full, dim1=1, dim2=2), rtol=1e-3, atol=1e-8)
+
+
+def test_a_vector_zoo_without_probe_reconstructs_its_uploads_with_their_own_readout():
+    from fedfuse.architectures import VectorSpec
+
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.rand(30, 2, generator=gen)
+    weights = torch.cat([tau, tau.sum(1, keepdim=True)], 1) + 0.01 * torch.randn(30, 3, generator=gen)
+    zoo = ModelZoo(VectorSpec(3), weights, tau, [f"v{i}" for i in range(30)])
+    model = MetaModel(**FAST).fit(zoo)
+    assert torch.allclose(model.reconstruct(own_readout=True), weights, atol=1e-5)
