@@ -14,9 +14,10 @@ wrong bearer token (when a token file is given), 503 before the first fit.
 Sample-free requests that arrive together are answered by one ``personalize`` call (Serve's
 dynamic batching, up to ``MAX_BATCH``); each still gets its own descriptor's initializer.
 
-Each replica polls the store's meta-model row and swaps in a new fit when its sha256 changes; a
-request uses the model it found when it started, so none fails or mixes two models while a fit
-lands.
+Each replica polls the store's meta-model row and swaps in a new fit when its sha256 changes and
+the fit loads and answers one initializer (a damaged one is logged once and the last good one
+kept); a request uses the model it found when it started, so none fails or mixes two models while
+a fit lands.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class InitializerService:
         self._store = ModelStore(store)
         self._token = read_token(token_file)
         self._served: Served | None = None
+        self._rejected: str | None = None  # the version that last failed to load or answer
         self._refresh_or_log()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, args=(poll_s,), name="fedfuse-meta-model-poll",
@@ -151,12 +153,17 @@ class InitializerService:
 
     # -- the model ------------------------------------------------------------------------------
     def _refresh(self) -> None:
-        """Load the store's meta-model if its version is not the one served; one reference
-        assignment swaps it, so a request holds either model whole."""
+        """Load the store's meta-model if its version is not the one served and answers one
+        initializer (at the centre of its descriptors) without error; one reference assignment
+        swaps it, so a request holds either model whole. A version that failed is not retried."""
         entry = self._store.meta_model_entry()
-        if entry is None or (self._served is not None and entry.sha256 == self._served.entry.sha256):
+        if entry is None or entry.sha256 == self._rejected or (
+                self._served is not None and entry.sha256 == self._served.entry.sha256):
             return
+        self._rejected = entry.sha256  # until it has loaded and answered
         model, entry = self._store.load_meta_model_entry()
+        model.personalize(model.tau_loc_[None])
+        self._rejected = None
         self._served = Served(model, entry, _family(model))
         log.info("serving meta-model %s (%d models, family %r)", entry.sha256[:12], entry.n_models,
                  self._served.family_name)

@@ -79,7 +79,8 @@ class FunctionPrediction:
         if self.nearby is not None:
             rows = torch.cat([self.nearby, rows], 1)
             if rows.shape[1] > rows.shape[2]:
-                w, v = torch.linalg.eigh(rows.double().transpose(1, 2) @ rows.double())
+                wide = rows.double()
+                w, v = torch.linalg.eigh(wide.transpose(1, 2) @ wide)
                 rows = (v * w.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2).to(rows.dtype)
         return self.scale[:, None, None] * rows
 

@@ -235,9 +235,12 @@ class MetaModel:
         with torch.no_grad():
             return torch.cat([self.spec_.forward(w, self.probe_).flatten(1) for w in weights.split(1024)])
 
-    def _solved_readout(self, base: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    def _solved_readout(self, base: Tensor, mean: Tensor) -> tuple[Tensor, Tensor | None]:
         """``base`` with each readout solved so that the network computes ``mean`` ``(q, N * out)``
-        on the probe, and the linear map ``(q, h + 1, N)`` from a function to its readout."""
+        on the probe, and the linear map ``(q, h + 1, N)`` from a function to its readout; a bare
+        vector without probe is its own signature (``mean`` itself, no map)."""
+        if self.spec_.is_vector and self.probe_ is None:
+            return mean, None
         spec, n_out, q = self.spec_, self.spec_.num_outputs, base.shape[0]
         a, b = readout_map(spec, base, self.probe_, self.readout_ridge_)  # (q, h+1, N), (q, h+1, h+1)
         readout = a @ mean.double().reshape(q, -1, n_out) + b @ get_readout(spec, base).double()
@@ -250,10 +253,10 @@ class MetaModel:
         over readouts that the function-space predictive maps to."""
         spec, q = self.spec_, base.shape[0]
         factor, diag = pred.factor(), pred.scale[:, None] ** 2 * pred.residual  # (q, R, m), (q, m)
-        if spec.is_vector and self.probe_ is None:  # the vector is its own signature
-            return pred.mean, ReadoutGaussian(pred.mean, factor.transpose(1, 2), diag)
-        n_out = spec.num_outputs
         weights, a = self._solved_readout(base, pred.mean)
+        if a is None:  # the function space is the weight space
+            return weights, ReadoutGaussian(weights, factor.transpose(1, 2), diag)
+        n_out = spec.num_outputs
         a = a.float()  # single precision, as the prior is kept: the map is the request's largest product
         factor = torch.einsum("qhn,qrnc->qhcr", a, factor.reshape(q, factor.shape[1], -1, n_out))
         diag = torch.einsum("qhn,qnc->qhc", a**2, diag.reshape(q, -1, n_out))
@@ -316,10 +319,7 @@ class MetaModel:
         self._check_fitted()
         mean, _ = self.module_.decode(self.module_.codes.loc)
         if own_readout and self.function_ is not None:
-            own = (self.function_.y_ + self.function_.mu_).float()
-            if self.spec_.is_vector and self.probe_ is None:  # the vector is its own signature
-                return own
-            mean, _ = self._solved_readout(mean, own)
+            mean, _ = self._solved_readout(mean, (self.function_.y_ + self.function_.mu_).float())
         return mean
 
     # -- persistence --------------------------------------------------------------------------------

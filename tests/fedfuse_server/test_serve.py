@@ -4,6 +4,7 @@ token). HTTP, every error code, the hot swap, the SDK and the simulated device a
 personal-assistant story on MovieLens. The CLI's wiring is checked without Ray."""
 
 import asyncio
+import copy
 import hashlib
 import importlib.util
 import json
@@ -215,6 +216,20 @@ def test_the_assistant_story_warm_starts_new_users_better_than_cold(service, tmp
                   for j in range(3)]
     assert all(p["source"] == "service" for p in phones), phones
     assert sum(p["rmse_warm"] for p in phones) < sum(p["rmse_cold"] for p in phones), phones
+
+
+def test_a_fit_that_cannot_answer_is_not_swapped_in(service, models):
+    served = service.store.meta_model_entry().sha256
+    broken = copy.deepcopy(models[1])
+    broken.function_.nearby_size_, broken.function_.nearby_shrink_ = 4, -1.0  # damaged: no covariance
+    bad = hashlib.sha256(service.store.save_meta_model(broken).read_bytes()).hexdigest()
+    try:
+        time.sleep(1.0)  # five polls
+        resp = _post(service.http, {"client_id": "phone-1", "descriptor": TAU})
+        assert resp.status_code == 200 and resp.headers[wire.VERSION_HEADER] == served != bad
+        assert service.http.get("/healthz").json()["version"] == served
+    finally:
+        service.store.save_meta_model(models[0])
 
 
 @pytest.mark.slow
