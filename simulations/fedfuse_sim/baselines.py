@@ -56,13 +56,16 @@ class MAML:
     seed: int = 0
     progress: bool = False
 
-    def fit(self, episodes: Callable[[int], Episode]) -> "MAML":
-        """``episodes(step)`` returns a batch ``(xs, ys, xq, yq)`` of training tasks."""
+    def fit(self, episodes: Callable[[int], Episode], checkpoints: tuple[int, ...] = ()) -> "MAML":
+        """``episodes(step)`` returns a batch ``(xs, ys, xq, yq)`` of training tasks;
+        ``checkpoints_`` keeps the base net after each step count in ``checkpoints`` (how far
+        more meta-steps carry it, from one run)."""
         gen = torch.Generator().manual_seed(self.seed)
         theta = self.spec.init(1, gen)[0].requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=self.meta_lr)
         meta_loss = vmap(self._query_loss, in_dims=(None, 0, 0, 0, 0))
         self.history_: list[float] = []
+        self.checkpoints_: dict[int, Tensor] = {}
         with progress_bar(self.progress, "MAML meta-training", total=self.meta_steps) as bar:
             for step in range(self.meta_steps):
                 opt.zero_grad()
@@ -70,6 +73,8 @@ class MAML:
                 loss.backward()
                 opt.step()
                 self.history_.append(loss.detach().item())
+                if step + 1 in checkpoints:
+                    self.checkpoints_[step + 1] = theta.detach().clone()
                 bar.update()
         self.theta_ = theta.detach()
         return self

@@ -93,7 +93,7 @@ def pretrain_zoo(cfg: SineConfig, seed: int) -> tuple[sine.SineTasks, ModelZoo]:
 
 
 def fit_maml(spec: MLPSpec, train: sine.SineTasks, cfg: SineConfig, seed: int,
-             progress: bool) -> baselines.MAML:
+             progress: bool, checkpoints: tuple[int, ...] = ()) -> baselines.MAML:
     """Finn et al.'s sine recipe: 10-shot support and query, one inner SGD step (lr 0.01)."""
     def episodes(step: int) -> baselines.Episode:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -102,7 +102,7 @@ def fit_maml(spec: MLPSpec, train: sine.SineTasks, cfg: SineConfig, seed: int,
         xs, xq = (lo + (hi - lo) * torch.rand(2, cfg.maml_tasks, cfg.maml_shots, 1, generator=gen))
         return xs, tasks(xs), xq, tasks(xq)
 
-    return baselines.MAML(spec, meta_steps=cfg.maml_steps, seed=seed, progress=progress).fit(episodes)
+    return baselines.MAML(spec, meta_steps=cfg.maml_steps, seed=seed, progress=progress).fit(episodes, checkpoints)
 
 
 def unseen_tasks(n: int, seed: int) -> sine.SineTasks:

@@ -81,3 +81,13 @@ def test_aligned_neighbours_judge_networks_on_the_probe():
     zoo = spec.init(20, gen)
     knn = baselines.AlignedNeighbours(ks=(1, 2), bandwidths=(0.5,)).fit(spec, zoo, tau, torch.linspace(-1, 1, 9)[:, None])
     assert set(knn.scores_) == {(1, 0.5), (2, 0.5)} and knn.predict(tau[:3]).shape == (3, spec.num_weights)
+
+
+def test_maml_checkpoints_are_the_base_net_after_that_many_steps():
+    spec = MLPSpec((1, 8, 8, 1))
+    episodes = lambda step: _episode(2000 + step, tasks=4, shots=5)  # noqa: E731
+    long = baselines.MAML(spec, meta_steps=6).fit(episodes, checkpoints=(3, 6))
+    short = baselines.MAML(spec, meta_steps=3).fit(episodes)
+    assert sorted(long.checkpoints_) == [3, 6]
+    assert torch.equal(long.checkpoints_[3], short.theta_) and torch.equal(long.checkpoints_[6], long.theta_)
+    assert not torch.equal(long.checkpoints_[3], long.theta_)
