@@ -5,12 +5,14 @@ personal-assistant story on MovieLens. The CLI's wiring is checked without Ray."
 
 import asyncio
 import copy
+import gc
 import hashlib
 import importlib.util
 import json
 import socket
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -216,6 +218,28 @@ def test_the_assistant_story_warm_starts_new_users_better_than_cold(service, tmp
                   for j in range(3)]
     assert all(p["source"] == "service" for p in phones), phones
     assert sum(p["rmse_warm"] for p in phones) < sum(p["rmse_cold"] for p in phones), phones
+
+
+def test_a_replica_keeps_its_model_out_of_gc_scans_and_still_frees_a_swapped_out_one(tmp_path, models):
+    """A replica (the plain class, no Ray) freezes what is alive once a model is served, so a
+    full collection does not scan Ray's, torch's and the model's objects; the model a new fit
+    replaces is still freed, by reference counting alone."""
+    store = ModelStore(tmp_path / "store")
+    store.save_meta_model(models[0])
+    gc.unfreeze()
+    replica = service_module.InitializerService(str(store.root), poll_s=0.05)
+    try:
+        assert gc.get_freeze_count() > 0
+        first, old = replica._served.entry.sha256, weakref.ref(replica._served.model)
+        store.save_meta_model(models[1])
+        deadline = time.monotonic() + 30
+        while replica._served.entry.sha256 == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert replica._served.entry.sha256 != first
+        assert old() is None
+    finally:
+        replica._stop.set()
+        gc.unfreeze()
 
 
 def test_a_fit_that_cannot_answer_is_not_swapped_in(service, models):
