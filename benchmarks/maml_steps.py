@@ -7,7 +7,8 @@ each MAML architecture once for ``--steps`` meta-steps on the bench's training t
 seed (the same episodes: 25 tasks of 10 + 10 points per step), keeps the base net at
 checkpoints, and scores each on the bench's unseen test tasks and shots, adapted both ways the
 bench adapts MAML (Adam fine-tuning, 500 steps at lr 1e-2; its own SGD, 10 steps). Writes
-maml_steps.json and maml_steps.md.
+maml_steps.json, maml_steps.md and maml_steps.png (nRMSE against meta-steps, the paper's
+[1-40-40-1] dotted).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from fedfuse.tasks import sine
 from fedfuse.training import train_networks
-from fedfuse_sim.sine import MAML_SPECS, SineConfig, fit_maml, shot_inputs, unseen_tasks
+from fedfuse_sim import plots
+from fedfuse_sim.sine import MAML_SPECS, PAPER, SineConfig, fit_maml, shot_inputs, unseen_tasks
 
 
 def main() -> None:
@@ -66,6 +68,10 @@ def main() -> None:
         cells += [f"{r[f'{a} {k}']:.4f}" for a in ("adam", "own SGD") for k in cfg.shots]
         lines.append("| " + " | ".join(cells) + " |")
     (args.out / "maml_steps.md").write_text("\n".join(lines) + "\n")
+    shots = tuple(k for k in cfg.shots if k)
+    paper = dict(zip(cfg.shots, PAPER["MAML [1-40-40-1]"]))
+    plots.meta_steps_figure(args.out / "maml_steps.png", rows, shots,
+                            {"MAML [1-40-40-1]": {k: paper[k] for k in shots}})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,30 @@ def fit_history_figure(path: Path, histories: dict[str, list[dict[str, float]]])
     plt.close(fig)
 
 
+def meta_steps_figure(path: Path, rows: list[dict[str, float | str]], shots: tuple[int, ...],
+                      references: dict[str, dict[int, float]] | None = None) -> None:
+    """nRMSE after shots against meta-steps, one panel per MAML architecture, both adaptations;
+    ``references[method]``: a fixed figure per shot count drawn dotted in that method's panel
+    (e.g. the paper's own MAML of that architecture)."""
+    methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.8), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        mine = [r for r in rows if r["method"] == method]
+        steps = [r["meta_steps"] for r in mine]
+        for j, k in enumerate(shots):
+            colour = f"C{j}"
+            ax.plot(steps, [r[f"own SGD {k}"] for r in mine], marker="o", color=colour, label=f"{k} shots, own SGD")
+            ax.plot(steps, [r[f"adam {k}"] for r in mine], marker="x", ls="--", color=colour, label=f"{k} shots, Adam")
+            if k in (references or {}).get(method, {}):
+                ax.axhline(references[method][k], color=colour, ls=":", lw=1.2, label=f"{k} shots, paper")
+        ax.set(title=method, xlabel="meta-steps", ylabel="nRMSE", yscale="log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(shots), fontsize=7)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def accuracy_by_shots(path: Path, summary: dict[str, dict[str, tuple[float, float]]],
                       ks: tuple[int, ...], shots: tuple[int, ...],
                       paper: dict[str, dict[str, float]] | None = None) -> None:

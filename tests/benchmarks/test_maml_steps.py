@@ -23,5 +23,6 @@ def test_the_maml_steps_report_scores_each_checkpoint(tmp_path):
     scores = [r[f"{a} {k}"] for r in rows for a in ("adam", "own SGD") for k in (0, 10, 20, 30, 40)]
     assert all(math.isfinite(v) and v > 0 for v in scores)
     assert all(r["adam 0"] == r["own SGD 0"] for r in rows)  # 0 shots: both are the base net itself
+    assert (tmp_path / "maml_steps.png").stat().st_size > 0
     table = (tmp_path / "maml_steps.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and "own SGD, 40 shots" in table[0]
