@@ -24,7 +24,7 @@ import torch
 from fedfuse.tasks import sine
 from fedfuse.training import train_networks
 from fedfuse_sim import plots
-from fedfuse_sim.sine import MAML_SPECS, PAPER, SineConfig, fit_maml, shot_inputs, unseen_tasks
+from fedfuse_sim.sine import MAML_SPECS, PAPER, SHOTS, SineConfig, fit_maml, shot_inputs, unseen_tasks
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     (args.out / "maml_steps.md").write_text("\n".join(lines) + "\n")
     shots = tuple(k for k in cfg.shots if k)
-    paper = dict(zip(cfg.shots, PAPER["MAML [1-40-40-1]"]))
+    paper = dict(zip(SHOTS, PAPER["MAML [1-40-40-1]"]))  # the paper's figures are at SHOTS
     plots.meta_steps_figure(args.out / "maml_steps.png", rows, shots,
                             {"MAML [1-40-40-1]": {k: paper[k] for k in shots}})
 
