@@ -39,7 +39,7 @@ from fedfuse.adaptation import condition_readout
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
-from fedfuse.readout import design, readout_map
+from fedfuse.readout import design, solve_readout
 from fedfuse.tasks import sine
 from fedfuse_sim.sine import shot_inputs, unseen_tasks
 
@@ -129,7 +129,8 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     oracle = residual.T @ residual / len(test)
     covs = {"shared (product)": scale2 * shared, "the fit's choice": chosen,
             "test tasks' own (upper bound)": oracle.expand(len(test), -1, -1)}
-    a, _ = readout_map(spec, post.mean, probe, model.readout_ridge_)  # (q, h + 1, probe): readout per function
+    # (q, h + 1, probe): the readout's change per change of function on the probe (any target)
+    _, a = solve_readout(spec, post.mean, probe, torch.zeros(len(test), len(probe), 1), model.readout_ridge_)
     x_eval = sine.eval_grid()
     phi_eval = design(spec, post.mean, x_eval.expand(len(test), -1, -1))
     mg = phi_eval @ a  # function on the grid per function on the probe

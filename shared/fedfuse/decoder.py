@@ -36,3 +36,7 @@ class WeightDecoder(nn.Module):
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(z)
         return self.mean_head(h), nn.functional.softplus(self.var_head(h)) + self.min_var
+
+    def mean(self, z: Tensor) -> Tensor:
+        """The mean head alone: an initializer needs no variance head (as wide as the weights)."""
+        return self.mean_head(self.trunk(z))

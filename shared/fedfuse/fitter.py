@@ -22,7 +22,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.progress import progress_bar
-from fedfuse.readout import get_readout, readout_map, set_readout
+from fedfuse.readout import set_readout, solve_readout
 from fedfuse.zoo import ModelZoo, robust_scale
 
 if TYPE_CHECKING:
@@ -260,8 +260,7 @@ def _choose_readout_ridge(model: "MetaModel", zoo: ModelZoo, gen: torch.Generato
     target = mean.reshape(len(pick), -1, n_out)[:, fit_half]
     errors = {}
     for ridge in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
-        a, b = readout_map(spec, base, probe[fit_half], ridge)
-        tuned = set_readout(spec, base, a @ target + b @ get_readout(spec, base).double())
+        tuned = set_readout(spec, base, solve_readout(spec, base, probe[fit_half], target, ridge)[0])
         out = spec.forward(tuned, probe[test_half]).double()
         errors[ridge] = float(((out - truth[:, test_half]).norm(dim=(1, 2)) / spread).mean())
     return min(errors, key=errors.get)

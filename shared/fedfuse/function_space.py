@@ -308,15 +308,19 @@ class FunctionSpaceGP(nn.Module):
 
     def _prediction(self, mean: Tensor, var: Tensor, kss: Tensor, expected: Tensor,
                     nearby: Tensor | None) -> FunctionPrediction:
-        shrink = self.nearby_shrink_
-        return FunctionPrediction(mean.float(), var.sqrt().float(), math.sqrt(shrink) * self.basis_.float(),
-                                  shrink * self.residual_.float(), (var / kss).clamp(0, 1).float(), expected.float(),
+        return FunctionPrediction(mean.float(), var.sqrt().float(), self._shared_basis, self._shared_residual,
+                                  (var / kss).clamp(0, 1).float(), expected.float(),
                                   None if nearby is None else nearby.float())
 
     @torch.no_grad()
     def _condition(self) -> None:
         """What predictions need; called by fit and by load (one path)."""
         self.loo_points_ = self._metric(self.x_[self.loo_index_])  # where each request's neighbours are sought
+        # the rest is fixed by the fit: computed once here, not again on every request
+        self._log_loo_error = self.loo_error_.clamp_min(1e-12).log()
+        self._typical_loo_var = self.loo_var_.median()
+        self._shared_basis = (math.sqrt(self.nearby_shrink_) * self.basis_).float()
+        self._shared_residual = (self.nearby_shrink_ * self.residual_).float()
         if not self.local:
             k = _k(self.kernel_, self.x_, self.x_) + torch.diag(self.log_noise_.exp() * self.noise_scale_ + 1e-8)
             self.chol_ = torch.linalg.cholesky(k)
@@ -327,17 +331,21 @@ class FunctionSpaceGP(nn.Module):
     def predict(self, tau_star: Tensor) -> FunctionPrediction:
         x = self._inputs(tau_star)
         noise = self.log_noise_.exp()
-        kss = _kdiag(self.kernel_, x) + noise
+        # each task's prior variance comes from the same kernel call as its covariances with the
+        # zoo (one call, not two: on a served request each costs as much as the solve)
         if self.local:
             nbrs = self._nearest(x, self.x_)
             xn = self.x_[nbrs]
             knn = _k(self.kernel_, xn, xn) + torch.diag_embed(noise * self.noise_scale_[nbrs] + 1e-8)
-            ksn = _k(self.kernel_, x[:, None, :], xn)[:, 0, :]
+            k_both = _k(self.kernel_, x[:, None, :], torch.cat([x[:, None, :], xn], 1))[:, 0, :]  # (q, 1 + M)
+            kss, ksn = k_both[:, 0] + noise, k_both[:, 1:]
             w = torch.cholesky_solve(ksn[..., None], torch.linalg.cholesky(knn))[..., 0]
             mean = torch.einsum("qm,qmd->qd", w, self.y_[nbrs])
             explained = (w * ksn).sum(-1)
         else:
-            k_zoo = _k(self.kernel_, x, self.x_)  # (q, n)
+            q = x.shape[0]
+            k_both = _k(self.kernel_, x, torch.cat([x, self.x_]))  # (q, q + n)
+            kss, k_zoo = torch.diagonal(k_both[:, :q]) + noise, k_both[:, q:]
             mean = k_zoo @ self.alpha_
             v = torch.cholesky_solve(k_zoo.T, self.chol_)
             explained = (k_zoo.T * v).sum(0)
@@ -345,8 +353,8 @@ class FunctionSpaceGP(nn.Module):
         # expected relative error: the nearest zoo models' LOO errors (geometric mean), grown by
         # how much less the GP knows here than at a typical zoo model
         order = self._nearest(self._metric(x), self.loo_points_, count=max(self.error_neighbours_, self.nearby_size_))
-        smoothed = self.loo_error_.clamp_min(1e-12).log()[order[:, : self.error_neighbours_]].mean(1).exp()
-        expected = smoothed * (var / self.loo_var_.median()).clamp_min(1).sqrt()
+        smoothed = self._log_loo_error[order[:, : self.error_neighbours_]].mean(1).exp()
+        expected = smoothed * (var / self._typical_loo_var).clamp_min(1).sqrt()
         return self._prediction(mean + self.mu_, var, kss, expected, self._nearby_rows(order))
 
     @torch.no_grad()
@@ -418,10 +426,12 @@ class FunctionSpaceGP(nn.Module):
 
 def _k(kernel: gpytorch.kernels.Kernel, a: Tensor, b: Tensor) -> Tensor:
     """A dense kernel matrix; sums are summed densely (gpytorch would add a low-rank linear
-    part through an iterative root decomposition)."""
+    part through an iterative root decomposition). Evaluated at once, not lazily: the matrix is
+    wanted dense anyway, and the lazy wrapper doubled a served request's kernel time."""
     if isinstance(kernel, gpytorch.kernels.AdditiveKernel):
         return sum(_k(part, a, b) for part in kernel.kernels)
-    return kernel(a, b).to_dense()
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        return kernel(a, b).to_dense()
 
 
 def _kdiag(kernel: gpytorch.kernels.Kernel, a: Tensor) -> Tensor:

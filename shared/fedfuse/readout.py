@@ -23,19 +23,20 @@ def design(spec: Architecture, weights: Tensor, x: Tensor) -> Tensor:
     return torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=h.dtype)], dim=-1)
 
 
-def readout_map(spec: Architecture, weights: Tensor, probe: Tensor, ridge: float = 1e-3
-                ) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` with ``readout = A @ target + B @ current`` the ridge solution, per network:
-    ``A`` ``(q, h + 1, N)``, ``B`` ``(q, h + 1, h + 1)``. The ridge is relative to the features'
-    mean energy, so it means the same whatever their scale."""
+def solve_readout(spec: Architecture, weights: Tensor, probe: Tensor, target: Tensor, ridge: float = 1e-3
+                  ) -> tuple[Tensor, Tensor]:
+    """The readout ``(q, h + 1, out)`` whose outputs on ``probe`` best reproduce ``target``
+    ``(q, N, out)``, by ridge towards each network's current readout, and the linear map ``A``
+    ``(q, h + 1, N)`` that carries a change of target to the readout. The ridge is relative to
+    the features' mean energy, so it means the same whatever their scale."""
     phi = design(spec, weights, probe)
     gram = phi.transpose(-1, -2) @ phi
-    p = gram.shape[-1]
     lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
-    reg = gram + lam * torch.eye(p, dtype=gram.dtype)
-    a = torch.linalg.solve(reg, phi.transpose(-1, -2))
-    b = torch.linalg.solve(reg, lam * torch.eye(p, dtype=gram.dtype).expand_as(reg))
-    return a, b
+    # the inverse from one Cholesky factor, then products: a served request's largest linear
+    # algebra, where two LU solves (or triangular solves with many right-hand sides) cost more
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype)))
+    a = inv @ phi.transpose(-1, -2)
+    return a @ target.double() + lam * (inv @ get_readout(spec, weights).double()), a
 
 
 def get_readout(spec: Architecture, weights: Tensor) -> Tensor:

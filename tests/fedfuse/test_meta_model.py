@@ -283,3 +283,25 @@ def test_a_vector_zoo_without_probe_reconstructs_its_uploads_with_their_own_read
     zoo = ModelZoo(VectorSpec(3), weights, tau, [f"v{i}" for i in range(30)])
     model = MetaModel(**FAST).fit(zoo)
     assert torch.allclose(model.reconstruct(own_readout=True), weights, atol=1e-5)
+
+
+def test_a_multi_output_readout_prior_keeps_each_output_with_its_own_rows():
+    """With several outputs the map from functions to readouts acts on each output's values; the
+    prior's rows and diagonal must land on that output's readout entries (``h`` major, output
+    minor, as ``readout_index`` orders them)."""
+    spec = MLPSpec((1, 8, 3))
+    gen = torch.Generator().manual_seed(4)
+    tau = torch.rand(24, 2, generator=gen) * 3
+    zoo = ModelZoo(spec, spec.init(24, gen), tau, [f"m{i:02d}" for i in range(24)])
+    model = MetaModel(**FAST).fit(zoo, probe=torch.linspace(-2, 2, 12)[:, None])
+    new = torch.tensor([[1.0, 2.0], [2.5, 0.5]])
+    pred, post = model.function_.predict(new), model.personalize(new)
+    codes = model.module_.prior.predict(model._normalize(new))[0]
+    assert torch.equal(model.module_.decode_mean(codes), model.module_.decode(codes)[0])
+    _, a = model._solved_readout(post.mean, pred.mean)  # (q, h + 1, N)
+    rows = pred.factor().reshape(2, -1, 12, 3)  # (q, r, N, c)
+    expected = torch.einsum("qhn,qrnc->qhcr", a, rows.double()).reshape(2, 27, -1)
+    torch.testing.assert_close(post.readout.factor.double(), expected, rtol=1e-4, atol=1e-7)
+    diag = (pred.scale[:, None] ** 2 * pred.residual).reshape(2, 12, 3).double()
+    torch.testing.assert_close(post.readout.diag.double(), torch.einsum("qhn,qnc->qhc", a**2, diag).reshape(2, 27),
+                               rtol=1e-4, atol=1e-9)

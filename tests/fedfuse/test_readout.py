@@ -1,7 +1,7 @@
 import torch
 
 from fedfuse.architectures import MLPSpec, VectorSpec
-from fedfuse.readout import design, get_readout, readout_map, set_readout
+from fedfuse.readout import design, get_readout, set_readout, solve_readout
 
 
 def test_outputs_are_the_design_times_the_readout():
@@ -15,19 +15,37 @@ def test_outputs_are_the_design_times_the_readout():
     assert moved.any(1).all() and moved.sum(1).max() <= spec.readout_index.numel()
 
 
-def test_readout_map_reproduces_a_reachable_function_and_falls_back_to_the_current_readout():
+def test_solve_readout_reproduces_a_reachable_function_and_falls_back_to_the_current_readout():
     spec = MLPSpec((1, 20, 2))
     gen = torch.Generator().manual_seed(1)
     base, other = spec.init(1, gen), spec.init(1, gen)
     probe = torch.linspace(-2, 2, 50)[:, None]
     other = set_readout(spec, base, get_readout(spec, other))  # same features, another readout
     target = spec.forward(other, probe).double()
-    a, b = readout_map(spec, base, probe, ridge=1e-9)
-    solved = set_readout(spec, base, a @ target + b @ get_readout(spec, base).double())
+    readout, _ = solve_readout(spec, base, probe, target, ridge=1e-9)
+    solved = set_readout(spec, base, readout)
     torch.testing.assert_close(spec.forward(solved, probe), spec.forward(other, probe), atol=1e-3, rtol=1e-3)
-    a, b = readout_map(spec, base, probe, ridge=1e6)  # all ridge: the current readout stays
-    kept = a @ target + b @ get_readout(spec, base).double()
+    kept, _ = solve_readout(spec, base, probe, target, ridge=1e6)  # all ridge: the current readout stays
     torch.testing.assert_close(kept.float(), get_readout(spec, base), atol=1e-3, rtol=1e-3)
+
+
+def test_solve_readout_is_the_ridge_solution_and_its_map_carries_a_change_of_target():
+    spec = MLPSpec((3, 7, 2))
+    gen = torch.Generator().manual_seed(2)
+    base, probe = spec.init(3, gen), torch.randn(11, 3, generator=gen)
+    target = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    ridge = 0.05
+    readout, a = solve_readout(spec, base, probe, target, ridge)
+    phi, current = design(spec, base, probe), get_readout(spec, base).double()
+    gram = phi.transpose(1, 2) @ phi
+    lam = ridge * torch.diagonal(gram, dim1=1, dim2=2).mean(1)[:, None, None]
+    # the minimizer of |phi r - target|^2 + lam |r - current|^2, from its normal equations
+    expected = torch.linalg.solve(gram + lam * torch.eye(8, dtype=torch.float64),
+                                  phi.transpose(1, 2) @ target + lam * current)
+    torch.testing.assert_close(readout, expected)
+    shift = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
+    moved, _ = solve_readout(spec, base, probe, target + shift, ridge)
+    torch.testing.assert_close(moved - readout, a @ shift)
 
 
 def test_a_bare_vector_is_all_readout():
