@@ -314,7 +314,9 @@ class FunctionSpaceGP(nn.Module):
 
     @torch.no_grad()
     def _condition(self) -> None:
-        """What predictions need; called by fit and by load (one path)."""
+        """What predictions need; called by fit and by load (one path). It caches what the
+        calibration and the nearby covariance fix (``basis_``, ``residual_``, ``loo_error_``,
+        ``loo_var_``, ``nearby_shrink_``): whoever changes those calls it again."""
         self.loo_points_ = self._metric(self.x_[self.loo_index_])  # where each request's neighbours are sought
         # the rest is fixed by the fit: computed once here, not again on every request
         self._log_loo_error = self.loo_error_.clamp_min(1e-12).log()
@@ -430,6 +432,8 @@ def _k(kernel: gpytorch.kernels.Kernel, a: Tensor, b: Tensor) -> Tensor:
     wanted dense anyway, and the lazy wrapper doubled a served request's kernel time."""
     if isinstance(kernel, gpytorch.kernels.AdditiveKernel):
         return sum(_k(part, a, b) for part in kernel.kernels)
+    # a process-wide flag: a thread evaluating at the same time (a replica's poller loading a
+    # new fit) can at worst get the other evaluation, which gives the same dense matrix
     with gpytorch.settings.lazily_evaluate_kernels(False):
         return kernel(a, b).to_dense()
 

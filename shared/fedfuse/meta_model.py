@@ -31,7 +31,7 @@ from torch.distributions import Normal
 from fedfuse import architectures, fitter
 from fedfuse.architectures import Architecture
 from fedfuse.decoder import WeightDecoder
-from fedfuse.errors import FedfuseError, NotFittedError
+from fedfuse.errors import ArchitectureError, FedfuseError, NotFittedError
 from fedfuse.function_space import FunctionPrediction, FunctionSpaceGP
 from fedfuse.io import load_tensors, save_tensors
 from fedfuse.parallel import ParallelMap
@@ -292,6 +292,8 @@ class MetaModel:
         decoded = self.module_.decode_mean(code_mean)
         if features is not None:
             self.spec_.check_flat(features)
+            if not torch.isfinite(features).all():
+                raise ArchitectureError("features has non-finite weights: the readout cannot be solved on them")
             decoded = features.float().reshape(q, -1)
         if self.function_ is None:
             ratio = (code_var / (prior.kernel.outputscale + prior.noise).float()).mean(-1).clamp(0, 1)

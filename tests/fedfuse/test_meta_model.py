@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedfuse.errors import DescriptorError, FedfuseError, NotFittedError
+from fedfuse.errors import ArchitectureError, DescriptorError, FedfuseError, NotFittedError
 from fedfuse.architectures import MLPSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import sine
@@ -132,6 +132,10 @@ def test_unfitted_and_bad_descriptors_are_refused(fitted):
         fitted.personalize([1.0, 2.0, 3.0])
     with pytest.raises(DescriptorError, match="non-finite"):
         fitted.personalize([float("nan"), 2.0])
+    bad = fitted.personalize([1.0, 2.0]).mean.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ArchitectureError, match="non-finite"):
+        fitted.personalize([1.0, 2.0], features=bad)
 
 
 def test_alignment_lowers_negative_elbo_on_permuted_copies():
@@ -257,7 +261,8 @@ def test_gp_blocks_leave_small_zoos_as_they_were_and_subsample_larger_ones(fitte
 
 def test_readout_prior_is_the_function_space_predictive_mapped_through_the_readout_solve(fitted):
     model = copy.deepcopy(fitted)
-    model.function_.nearby_size_, model.function_.nearby_shrink_ = 8, 0.5  # rows from nearby models too
+    model.function_.nearby_size_, model.function_.nearby_shrink_ = 8, 0.3  # rows from nearby models too
+    model.function_._condition()
     tau = torch.tensor([[1.0, 0.5], [4.0, 2.5]])
     pred = model.function_.predict(tau)
     post = model.personalize(tau)
