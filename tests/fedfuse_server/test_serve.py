@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -227,9 +228,12 @@ def test_a_replica_keeps_its_model_out_of_gc_scans_and_still_frees_a_swapped_out
     store = ModelStore(tmp_path / "store")
     store.save_meta_model(models[0])
     gc.unfreeze()
+    interval = sys.getswitchinterval()
     replica = service_module.InitializerService(str(store.root), poll_s=0.05)
     try:
         assert gc.get_freeze_count() > 0
+        # and its poller, loading a new fit, hands the interpreter back to requests within 1 ms
+        assert sys.getswitchinterval() == service_module.SWITCH_INTERVAL_S <= 0.001 < interval
         first, old = replica._served.entry.sha256, weakref.ref(replica._served.model)
         store.save_meta_model(models[1])
         deadline = time.monotonic() + 30
@@ -240,6 +244,7 @@ def test_a_replica_keeps_its_model_out_of_gc_scans_and_still_frees_a_swapped_out
     finally:
         replica._stop.set()
         gc.unfreeze()
+        sys.setswitchinterval(interval)
 
 
 def test_a_fit_that_cannot_answer_is_not_swapped_in(service, models):
