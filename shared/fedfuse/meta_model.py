@@ -289,8 +289,9 @@ class MetaModel:
         t = check_descriptor(tau, self.tau_dim)
         prior, q = self.module_.prior, t.shape[0]
         code_mean, code_var = prior.predict(self._normalize(t))
-        decoded = self.module_.decode_mean(code_mean)
-        if features is not None:
+        if features is None:
+            decoded = self.module_.decode_mean(code_mean)
+        else:  # a device's own hidden layers: nothing to decode
             self.spec_.check_flat(features)
             if not torch.isfinite(features).all():
                 raise ArchitectureError("features has non-finite weights: the readout cannot be solved on them")
