@@ -21,6 +21,9 @@ per seed, on the same test tasks and shots as the bench:
   fixed strengths ``c``; and, as an upper bound no server can reach, the test tasks' own
   residual covariance.
 
+``--distill``: all of it for the slower path, ``personalize(distill=True)``, the pseudo-devices'
+hidden layers distilled towards their leave-one-out predicted functions as a new device's are.
+
 Writes adaptation.json and adaptation.md. Test tasks only score; nothing here is a setting.
 """
 
@@ -82,12 +85,18 @@ def edges(model: MetaModel, test: sine.SineTasks, post: WeightPosterior) -> dict
             "readout floor nRMSE": float(floor.mean()), "0-shot nRMSE": float(sine.nrmse(sine.SPEC, post.mean, test).mean())}
 
 
-def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int) -> list[dict[str, Any]]:
-    """Mean error and share of devices made worse for each margin, on pseudo-devices and tests."""
+def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int,
+               distill: bool = False) -> list[dict[str, Any]]:
+    """Mean error and share of devices made worse for each margin, on pseudo-devices and tests;
+    with ``distill`` the pseudo-devices' hidden layers are distilled as ``personalize(distill=True)``
+    does (``post`` is then the distilled posterior)."""
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
     n, m = fn.y_.shape
     uploads = (fn.y_ + fn.mu_).float()
-    w_zoo, prior_zoo = model._readout_prior(model.decode(zoo_descriptors(fn)), fn.loo_predictions(torch.arange(n)))
+    loo, base = fn.loo_predictions(torch.arange(n)), model.decode(zoo_descriptors(fn))
+    if distill:
+        base = model._distilled(model._solved_readout(base, loo.mean)[0], loo.mean)
+    w_zoo, prior_zoo = model._readout_prior(base, loo)
     spread = uploads.max(1).values - uploads.min(1).values
 
     def zoo_error(w: Tensor, held: Tensor) -> Tensor:
@@ -173,6 +182,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/adaptation"))
     ap.add_argument("--n-test", type=int, default=None,
                     help="test tasks per seed (default: the bench's, from its summary.json, else 100)")
+    ap.add_argument("--distill", action="store_true",
+                    help="the distilled path: personalize(distill=True), pseudo-devices distilled alike")
     args = ap.parse_args()
     paths = sorted(args.bench.glob("meta_model_seed*.safetensors"))
     if not paths:
@@ -185,12 +196,12 @@ def main() -> None:
         seed = int(re.search(r"seed(\d+)", path.name).group(1))
         model = MetaModel.load(path)
         test = unseen_tasks(n_test, seed)
-        post = model.personalize(test.tau)
+        post = model.personalize(test.tau, distill=args.distill)
         report["edges"][seed] = edges(model, test, post)
         cov = covariance(model, test, post, seed)
         report["covariance"][seed] = {"choice": cov["choice"]}
         report["covariance_rows"] += cov["rows"]
-        report["acceptance"] += acceptance(model, test, post, seed)
+        report["acceptance"] += acceptance(model, test, post, seed, args.distill)
         print(f"seed {seed} done: the fit's covariance: {cov['choice']}", flush=True)
     (args.out / "adaptation.json").write_text(json.dumps(report, indent=2))
     lines = ["## Relative RMS error per eighth of [-5, 5] (seed means)", "",

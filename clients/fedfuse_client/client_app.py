@@ -40,7 +40,8 @@ def initializer_for(family: TaskFamily, data: LocalData, cfg: RunConfig, sent: w
     set the one the initializer service returns for this device's descriptor (the server's is
     then ignored; a service that gives none fails this device's reply, naming why)."""
     if cfg.initializer_url:
-        return fetch_initializer(cfg.initializer_url, data.client_id, data.tau, family.arch).initializer
+        return fetch_initializer(cfg.initializer_url, data.client_id, data.tau, family.arch,
+                                 distill=cfg.distill).initializer
     return wire.parse_initializer(sent, family.arch)
 
 

@@ -52,7 +52,8 @@ class WarmStart:
 
 
 def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architecture, *,
-                      token: str | None = None, samples: int = 0, timeout: float = 10.0, retries: int = 3,
+                      token: str | None = None, samples: int = 0, distill: bool = False, timeout: float = 10.0,
+                      retries: int = 3,
                       backoff: float = 0.5, client: httpx.Client | None = None) -> wire.ServedInitializer:
     """This device's initializer from the service at ``url``, checked: the body's sha256 against
     ``X-Content-SHA256``, its architecture against ``spec``, every array as the Flower path
@@ -61,7 +62,7 @@ def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architec
     :class:`ServiceUnavailable`. A 4xx is final (:class:`ServiceRefused`); so is an answer that
     does not fit this device (:class:`~fedfuse.errors.MessageRejected`)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = wire.initializer_request(client_id, tau, samples)
+    body = wire.initializer_request(client_id, tau, samples, distill)
     limit = 4 * spec.num_weights * (samples + 2) + SLACK_BYTES
     endpoint = url.rstrip("/") + "/v1/initializers"
     owned, problem = client is None, "no attempt made"

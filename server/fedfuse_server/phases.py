@@ -279,7 +279,12 @@ class ServerRun:
         """Send each target its initializer; keep the metrics each sends back."""
         import torch
 
-        post = model.personalize(torch.tensor([t for _, _, t in targets]))
+        # devices with an initializer-url ignore this message: distilling it would be wasted
+        distill = self.cfg.distill and not self.cfg.initializer_url
+        if distill and not model.distillable:
+            log.warning("distill: this meta-model has no function-space head (no probe); sending the fast initializers")
+            distill = False
+        post = model.personalize(torch.tensor([t for _, _, t in targets]), distill=distill)
         msgs = [_request(node, wire.PERSONALIZE, wire.initializer(post, j)) for j, (node, _, _) in enumerate(targets)]
         by_node = {node: (cid, j) for j, (node, cid, _) in enumerate(targets)}
         results: dict[str, dict[str, Any]] = {}

@@ -2,9 +2,11 @@
 of waiting for a personalize round. A Ray Serve application (Ray is the server's engine: locally
 it starts its own, on a cluster it joins ``RAY_ADDRESS``, under KubeRay it is a ``RayService``).
 
-* ``POST /v1/initializers`` JSON ``{"client_id", "descriptor", "samples"?}``: a safetensors file
-  (:func:`fedfuse.wire.initializer_file`), its sha256 in ``X-Content-SHA256`` and the meta-model's
-  version in ``X-Model-Version``.
+* ``POST /v1/initializers`` JSON ``{"client_id", "descriptor", "samples"?, "distill"?}``: a
+  safetensors file (:func:`fedfuse.wire.initializer_file`), its sha256 in ``X-Content-SHA256``
+  and the meta-model's version in ``X-Model-Version``. ``distill`` asks for the slower, distilled
+  initializer (an optimizer loop, run off the event loop, ``MAX_DISTILLING`` at a time per
+  replica: beyond that a 503 with ``Retry-After``).
 * ``GET /v1/model``: what is served (family, architecture, descriptor, version, fit time).
 * ``GET /healthz``: liveness, and which version is loaded.
 
@@ -22,6 +24,7 @@ a fit lands.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import hmac
@@ -60,6 +63,7 @@ ROUTES = {"/v1/initializers": "POST", "/v1/model": "GET", "/healthz": "GET"}
 MAX_TOKEN_BYTES = 4096
 MAX_BATCH = 16  # sample-free requests answered by one personalize call
 MAX_ONGOING = 32  # per replica (Serve's default, 5, caps the batches at 5)
+MAX_DISTILLING = 2  # distilled initializers computed at once per replica (each an optimizer loop)
 # how long the poller, loading a new fit (tens of ms of Python), may keep the interpreter from a
 # request that is ready: with Python's default of 5 ms a fit landing lifted the p99 at 200 req/s
 # to 19-22 ms on two cores (about 13 without one); at 1 ms, 15 ms (benchmarks/README.md)
@@ -84,12 +88,13 @@ class Served:
         return {"family": self.family_name, "architecture": self.model.spec_.to_dict(),
                 "descriptor": {"length": self.model.tau_dim, "names": names},
                 "version": self.entry.sha256, "n_models": self.entry.n_models,
+                "distill_steps": self.model.distill_steps_,
                 "fitted_at": datetime.fromtimestamp(self.entry.fitted, timezone.utc).isoformat()}
 
-    def initializer(self, client_id: str, tau: list[float], samples: int) -> bytes:
+    def initializer(self, client_id: str, tau: list[float], samples: int, distill: bool = False) -> bytes:
         """The response body; samples are seeded by client and version, so a device that asks
         again gets the same ones."""
-        post = self.model.personalize(torch.tensor([tau]))
+        post = self.model.personalize(torch.tensor([tau]), distill=distill)
         drawn = None
         if samples:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{client_id}/{self.entry.sha256}".encode()))
@@ -152,6 +157,7 @@ class InitializerService:
         self._token = read_token(token_file)
         self._served: Served | None = None
         self._rejected: str | None = None  # the version that last failed to load or answer
+        self._distill_slots = threading.BoundedSemaphore(MAX_DISTILLING)
         self._refresh_or_log()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, args=(poll_s,), name="fedfuse-meta-model-poll",
@@ -239,6 +245,17 @@ class InitializerService:
                         out[i] = exc
         return out
 
+    async def _distilled(self, served: Served, cid: str, tau: list[float], samples: int) -> bytes | None:
+        """A distilled initializer, off the event loop so other requests keep being answered;
+        ``None`` when ``MAX_DISTILLING`` are already running here (optimizer loops would only
+        slow each other and every fast request down)."""
+        if not self._distill_slots.acquire(blocking=False):
+            return None
+        try:
+            return await asyncio.to_thread(served.initializer, cid, tau, samples, True)
+        finally:
+            self._distill_slots.release()
+
     def _authorized(self, request: Request) -> bool:
         if self._token is None:
             return True
@@ -252,14 +269,24 @@ class InitializerService:
             if len(body) > wire.MAX_REQUEST_BYTES:
                 break
         try:
-            cid, tau, samples = wire.parse_initializer_request(body, served.model.tau_dim)
+            cid, tau, samples, distill = wire.parse_initializer_request(body, served.model.tau_dim)
             if served.family is not None:
                 served.family.descriptor.check(tau)
+            if distill and not served.model.distillable:
+                raise FedfuseError("distill: this meta-model has no function space to distill from")
         except FedfuseError as exc:
             log.info("refused a request: %r", str(exc))
             return _error(400, str(exc))
         try:
-            data = served.initializer(cid, tau, samples) if samples else await self._batched((served, tau))
+            if distill:
+                data = await self._distilled(served, cid, tau, samples)
+                if data is None:
+                    return _error(503, f"this replica is already distilling {MAX_DISTILLING} initializers: "
+                                  "ask again shortly", {"Retry-After": "1"})
+            elif samples:
+                data = served.initializer(cid, tau, samples)
+            else:
+                data = await self._batched((served, tau))
             if isinstance(data, Exception):
                 raise data
         except Exception:  # the client gets a JSON 500, the log the traceback

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,14 @@ from fedfuse.parallel import ParallelMap
 from fedfuse.pic import FrozenPrior, SparseLocalizedGP
 from fedfuse.posterior import DecodedCodes, ReadoutGaussian, WeightPosterior
 from fedfuse.readout import set_readout, solve_readout
+from fedfuse.training import train_networks
 from fedfuse.variational import DiagonalGaussian
 from fedfuse.zoo import ModelZoo, check_descriptor
 
-FORMAT = "fedfuse.meta_model/3"  # /3: the readout prior's nearby covariance
-READABLE = ("fedfuse.meta_model/2", FORMAT)  # a /2 fit loads with the shared covariance
+FORMAT = "fedfuse.meta_model/4"  # /3: the readout prior's nearby covariance; /4: distillation's step count
+# a /2 fit loads with the shared covariance, /2 and /3 fits without distillation (0 steps)
+READABLE = ("fedfuse.meta_model/2", "fedfuse.meta_model/3", FORMAT)
+DISTILL_LR = 1e-3  # Adam's step for distillation: the start already computes the function closely
 
 
 class ZooModel(nn.Module):
@@ -130,7 +133,11 @@ class MetaModel:
     all): a step then costs the same at any ``n``, and zoos of up to ``gp_blocks`` blocks (about
     2,500 models at 40 per block) take every block, as a full step does. ``function_space=False`` keeps
     the paper's decoded initializer (the ablation); ``kernel`` picks the descriptor kernel of the
-    function-space GP (``auto``: by leave-one-out); ``likelihood`` says what the outputs are
+    function-space GP (``auto``: by leave-one-out); ``distill_steps``: how long
+    ``personalize(distill=True)`` trains every weight towards the predicted function on the
+    probe (``None``: chosen on the zoo's simulated devices; ``distill_steps_`` is ``None`` only
+    for a fit loaded from a file older than distillation, which then distills nothing until
+    refitted); ``likelihood`` says what the outputs are
     (``gaussian`` values or ``softmax`` logits). ``refit_*`` govern :meth:`fit` with a
     ``previous`` model: how many joint rounds an incremental refit runs, and the drift (share of
     new models, their error under the previous fit) beyond which it refits in full.
@@ -161,6 +168,7 @@ class MetaModel:
         function_space: bool = True,
         kernel: str = "auto",
         readout_ridge: float = 1e-3,
+        distill_steps: int | None = None,
         likelihood: str = "gaussian",
         refit_rounds: int = 1,
         refit_drift: float = 0.2,
@@ -192,6 +200,7 @@ class MetaModel:
         self.function_space = function_space
         self.kernel = kernel
         self.readout_ridge = readout_ridge
+        self.distill_steps = distill_steps
         self.likelihood = likelihood
         self.refit_rounds = refit_rounds
         self.refit_drift = refit_drift
@@ -252,6 +261,19 @@ class MetaModel:
         readout, a = solve_readout(spec, base, self.probe_, mean.reshape(q, -1, spec.num_outputs), self.readout_ridge_)
         return set_readout(spec, base, readout), a
 
+    def _distilled(self, base: Tensor, mean: Tensor, probe: Tensor | None = None, steps: int | None = None,
+                   on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """``base`` with every weight trained (Adam, squared error) to compute ``mean``
+        ``(q, N * out)`` on the probe (or on ``probe``): the readout alone cannot carry what the
+        decoded hidden layers lack, and hidden layers shaped to the task's own function also
+        give the readout prior directions that shots can use."""
+        probe = self.probe_ if probe is None else probe
+        steps = self.distill_steps_ if steps is None else steps
+        target = mean.reshape(base.shape[0], -1, self.spec_.num_outputs).float()
+        with torch.enable_grad():  # personalize itself runs without autograd (not under inference_mode)
+            return train_networks(self.spec_, base.float(), probe, target, steps=steps or 0, lr=DISTILL_LR,
+                                  on_step=on_step)
+
     def _readout_prior(self, base: Tensor, pred: FunctionPrediction) -> tuple[Tensor, ReadoutGaussian]:
         """Weights whose readout computes the predicted functions on the probe, and the Gaussian
         over readouts that the function-space predictive maps to."""
@@ -276,15 +298,26 @@ class MetaModel:
             raise NotFittedError("this MetaModel is not fitted yet: call fit(zoo) or load(path) first")
 
     @property
+    def distillable(self) -> bool:
+        """Whether ``personalize(distill=True)`` is defined: it needs the function-space head
+        (it is the fast path where ``distill_steps_`` is 0 or ``None``, e.g. for bare vectors)."""
+        self._check_fitted()
+        return self.function_ is not None
+
+    @property
     def tau_dim(self) -> int:
         self._check_fitted()
         return self.tau_loc_.numel()
 
     @torch.no_grad()
-    def personalize(self, tau: Tensor | list[float], features: Tensor | None = None) -> WeightPosterior:
+    def personalize(self, tau: Tensor | list[float], features: Tensor | None = None,
+                    distill: bool = False) -> WeightPosterior:
         """Initializer for new task(s) from descriptors alone: ``(D,)`` or ``(q, D)``.
         ``features`` ``(q, d)``: networks whose hidden layers carry the readout instead of the
-        decoded ones (e.g. a device's own pre-trained model)."""
+        decoded ones (e.g. a device's own pre-trained model). ``distill``: the slower path (an
+        optimizer loop per task, FedDF-style): every weight, not only the readout, is trained
+        for ``distill_steps_`` Adam steps to compute the predicted function on the probe, and the
+        readout and its prior are then solved on the trained hidden layers."""
         self._check_fitted()
         t = check_descriptor(tau, self.tau_dim)
         prior, q = self.module_.prior, t.shape[0]
@@ -296,6 +329,8 @@ class MetaModel:
             if not torch.isfinite(features).all():
                 raise ArchitectureError("features has non-finite weights: the readout cannot be solved on them")
             decoded = features.float().reshape(q, -1)
+        if distill and not self.distillable:
+            raise FedfuseError("distill=True needs the function-space head; this fit has none (no probe)")
         if self.function_ is None:
             ratio = (code_var / (prior.kernel.outputscale + prior.noise).float()).mean(-1).clamp(0, 1)
             base = self.module_.base
@@ -303,6 +338,9 @@ class MetaModel:
             return WeightPosterior(self.spec_, decoded, code_loc=code_mean, code_variance=code_var,
                                    uncertainty=ratio, novelty=ratio, decoded=codes, seed=self.seed)
         pred = self.function_.predict(t)
+        if distill and self.distill_steps_:
+            start, _ = self._solved_readout(decoded, pred.mean)
+            decoded = self._distilled(start, pred.mean)
         weights, readout = self._readout_prior(decoded, pred)
         uncertainty = pred.expected_error
         if self.likelihood == "softmax":  # the expected share of probe inputs it misclassifies
@@ -340,7 +378,7 @@ class MetaModel:
         tensors |= {f"perms.{li}": p.to(torch.int32) for li, p in enumerate(self.perms_)}
         meta = {"format": FORMAT, "settings": self.get_params(), "spec": self.spec_.to_dict(),
                 "ids": self.ids_, "history": self.history_, "readout_ridge": self.readout_ridge_,
-                "annotations": self.annotations_}
+                "distill_steps": self.distill_steps_, "annotations": self.annotations_}
         if self.probe_ is not None:
             tensors["probe"] = self.probe_
         if self.function_ is not None:
@@ -368,6 +406,8 @@ class MetaModel:
         self.annotations_ = meta.get("annotations", {})
         self.perms_ = [tensors[f"perms.{li}"].long() for li in range(len(self.spec_.perm_sizes))]
         self.readout_ridge_ = meta["readout_ridge"]
+        self.distill_steps_ = meta.get("distill_steps")  # None: a fit saved before distillation
+        self.distill_errors_: dict[int, float] = {}  # a diagnostic of the fit that chose them, not saved
         if "function" in meta:
             self.function_ = FunctionSpaceGP.from_state(part("function"), meta["function"])
         return self

@@ -39,6 +39,7 @@ class RunConfig:
     server_threads: int = 1
     screen: float = 10.0  # robust z-score above which a model is excluded as an outlier (0: off)
     initializer_url: str = ""  # new devices fetch their initializer from this service (fedfuse serve) instead
+    distill: bool = False  # new devices get the slower, distilled initializer (MetaModel.personalize)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.phases if p not in PHASES]
@@ -66,7 +67,10 @@ class RunConfig:
             if key not in known:
                 raise FedfuseError(f"unknown run-config key {key!r}; known keys: {sorted(known)}")
             f = known[key]
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = {"int": int, "float": float, "str": str, "bool": bool}[
+                f.type if isinstance(f.type, str) else f.type.__name__]
+            if typ is bool and not isinstance(value, bool):  # bool("false") is True: take TOML's booleans only
+                raise FedfuseError(f"run-config key {key!r} must be true or false, got {value!r}")
             try:
                 values[f.name] = typ(value)
             except (TypeError, ValueError) as exc:

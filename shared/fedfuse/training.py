@@ -3,6 +3,8 @@ a new device's cold start, a baseline's fine-tuning."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -33,12 +35,14 @@ def train_networks(
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Adam on each network's own data; ``init`` ``(q, d)``, ``x`` ``(q, k, in)``.
 
     The networks share one tensor but not their gradients: the summed loss separates per
     network and Adam's statistics are per weight, so this equals ``q`` independent runs.
     ``batch_size`` trains on a fresh random minibatch of each network's examples per step.
+    ``on_step(step, weights)`` sees the weights after each step (1-based), e.g. to keep snapshots.
     """
     flat = init.detach().clone().requires_grad_(True)
     if x.shape[-2] == 0 or steps <= 0:
@@ -47,7 +51,7 @@ def train_networks(
     gen = torch.Generator().manual_seed(seed)
     k = x.shape[-2]
     with progress_bar(progress, f"training {len(flat)} networks", total=steps) as bar:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             xb, yb = x, y
             if batch_size is not None and batch_size < k:
                 idx = torch.randperm(k, generator=gen)[:batch_size]
@@ -55,5 +59,7 @@ def train_networks(
             opt.zero_grad()
             loss_fn(spec, flat, xb, yb, loss).sum().backward()
             opt.step()
+            if on_step is not None:
+                on_step(step, flat.detach())
             bar.update()
     return flat.detach()

@@ -21,8 +21,8 @@ request (server)    reply (device)        content of the reply / request
 
 A new device may also ask the initializer service (``fedfuse serve``) over HTTP instead:
 ``POST /v1/initializers`` with :func:`initializer_request` (JSON ``client_id``, ``descriptor``,
-optionally ``samples``), answered by :func:`initializer_file`, a safetensors file with the same
-arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family, meta-model
+optionally ``samples`` and ``distill``), answered by :func:`initializer_file`, a safetensors file
+with the same arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family, meta-model
 version, uncertainty, novelty and low-confidence flag; the response header
 ``X-Content-SHA256`` carries the body's hash. :func:`parse_initializer_request` and
 :func:`parse_initializer_file` are their parsers.
@@ -60,8 +60,8 @@ STATUS, REASON, DECLINED, ACCEPTED, REJECTED = "status", "reason", "declined", "
 UPLOAD_KEYS = frozenset({"client-id", "arch", "tau", "n-examples"})
 METRIC_KEYS = ("shots", "score-0shot", "score-adapted", "cold-score-0shot", "cold-score-adapted")
 # the initializer service (HTTP)
-SAMPLES = "samples"
-REQUEST_KEYS = frozenset({"client_id", "descriptor", SAMPLES})
+SAMPLES, DISTILL = "samples", "distill"
+REQUEST_KEYS = frozenset({"client_id", "descriptor", SAMPLES, DISTILL})
 INITIALIZER_FORMAT = "fedfuse.initializer/1"
 CHECKSUM_HEADER, VERSION_HEADER = "X-Content-SHA256", "X-Model-Version"
 MAX_SAMPLES = 64
@@ -211,17 +211,21 @@ def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
 
 
 # -- initializer over HTTP (the initializer service) ---------------------------------------------
-def initializer_request(client_id: str, tau: list[float], samples: int = 0) -> dict[str, Any]:
-    """The JSON body a device posts to ``/v1/initializers``."""
+def initializer_request(client_id: str, tau: list[float], samples: int = 0, distill: bool = False
+                        ) -> dict[str, Any]:
+    """The JSON body a device posts to ``/v1/initializers``; ``distill`` asks for the slower,
+    distilled initializer (``MetaModel.personalize(distill=True)``)."""
     body: dict[str, Any] = {"client_id": client_id, "descriptor": [float(t) for t in tau]}
     if samples:
         body[SAMPLES] = int(samples)
+    if distill:
+        body[DISTILL] = True
     return body
 
 
-def parse_initializer_request(body: bytes, tau_dim: int) -> tuple[str, list[float], int]:
-    """``(client id, descriptor, number of samples)`` from a posted body, checked as uploads are
-    (the family's domain is the caller's to check)."""
+def parse_initializer_request(body: bytes, tau_dim: int) -> tuple[str, list[float], int, bool]:
+    """``(client id, descriptor, number of samples, distill)`` from a posted body, checked as
+    uploads are (the family's domain is the caller's to check)."""
     if len(body) > MAX_REQUEST_BYTES:
         raise MessageRejected(f"the request body exceeds {MAX_REQUEST_BYTES} bytes")
     try:
@@ -242,7 +246,10 @@ def parse_initializer_request(body: bytes, tau_dim: int) -> tuple[str, list[floa
     k = request.get(SAMPLES, 0)
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_SAMPLES:
         raise MessageRejected(f"samples must be an integer from 0 to {MAX_SAMPLES}, got {str(k)[:40]!r}")
-    return cid, tau, k
+    distill = request.get(DISTILL, False)
+    if not isinstance(distill, bool):
+        raise MessageRejected(f"distill must be true or false, got {str(distill)[:40]!r}")
+    return cid, tau, k, distill
 
 
 @dataclass(frozen=True)

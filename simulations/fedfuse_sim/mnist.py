@@ -146,20 +146,28 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
     t0 = time.perf_counter()
     fits["ours"].personalize(test_tau[:1])
     timings["one_initializer_ms"] = 1000 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    posts |= {f"{name}, distilled": f.personalize(test_tau, distill=True) for name, f in fits.items()}
+    timings["personalize_all_distilled_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fits["ours"].personalize(test_tau[:1], distill=True)
+    timings["one_distilled_initializer_ms"] = 1000 * (time.perf_counter() - t0)
     neighbours = baselines.AlignedNeighbours().fit(
         mnist.SPEC, apply_perms(mnist.SPEC, weights, fits["ours"].perms_), tau, probe)
     inits = {
         "ours": posts["ours"].mean,
+        "ours, distilled": posts["ours, distilled"].mean,
         "ours, Adam fine-tuning": posts["ours"].mean,
         "paper's decoder": fits["ours"].decode(test_tau),
         "no-align": posts["no-align"].mean,
+        "no-align, distilled": posts["no-align, distilled"].mean,
         "cold-start": mnist.SPEC.init(n, gen),
         "1-NN": baselines.nearest_neighbour(tau, weights, test_tau),
         "k-NN aligned": neighbours.predict(test_tau),
         "zoo average": baselines.zoo_average(weights, n),
         "MAML": maml.init(n),
     }
-    bayes = {"ours": posts["ours"], "no-align": posts["no-align"]}
+    bayes = {m: posts[m] for m in ("ours", "ours, distilled", "no-align", "no-align, distilled")}
     rows = []
     with progress_bar(progress, "fine-tuning", total=(len(inits) + 1) * len(cfg.shots) * len(mnist.KS)) as bar:
         for K in mnist.KS:
@@ -194,9 +202,12 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
              "reconstruction_accuracy": reconstruction(fits["ours"], weights, train, x_test, y_test),
              "worse_than_0shot": report.worse_than_zero_shot(rows, "ours", "accuracy", lower_is_better=False,
                                                              group=("seed", "digits")),
+             "worse_than_0shot_distilled": report.worse_than_zero_shot(rows, "ours, distilled", "accuracy",
+                                                                       lower_is_better=False, group=("seed", "digits")),
              "selected": {"kernel": fits["ours"].function_.kernel_name_,
                           "kernel_loo": fits["ours"].function_.candidates_,
                           "readout_ridge": fits["ours"].readout_ridge_,
+                          "distill_steps": fits["ours"].distill_steps_, "distill_errors": fits["ours"].distill_errors_,
                           "nearby_covariance": [fits["ours"].function_.nearby_size_, fits["ours"].function_.nearby_shrink_],
                           "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}
     return rows, extra

@@ -72,16 +72,18 @@ def meta_steps_figure(path: Path, rows: list[dict[str, float | str]], shots: tup
 def accuracy_by_shots(path: Path, summary: dict[str, dict[str, tuple[float, float]]],
                       ks: tuple[int, ...], shots: tuple[int, ...],
                       paper: dict[str, dict[str, float]] | None = None) -> None:
-    """One panel per K: mean accuracy (± std band) versus shots per digit for every method;
-    the paper's "ours" as black crosses."""
+    """One panel per K: mean accuracy (± std band) versus shots per digit for every method
+    (ten colours, then the same colours dashed); the paper's "ours" as black crosses."""
     fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.3), squeeze=False, sharey=True)
+    palette = plt.get_cmap("tab10").colors
     for ax, K in zip(axes[0], ks):
-        for method, by_col in summary.items():
+        for i, (method, by_col) in enumerate(summary.items()):
             pts = [(k, *by_col[f"K={K} {k}-shot"]) for k in shots if f"K={K} {k}-shot" in by_col]
             if not pts:
                 continue
             xs, mean, std = zip(*pts)
-            line, = ax.plot(xs, mean, marker="o", lw=1.5, label=method)
+            line, = ax.plot(xs, mean, marker="o", lw=1.5, label=method, color=palette[i % len(palette)],
+                            ls="-" if i < len(palette) else "--")
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.12)
         ref = [(k, (paper or {}).get("ours", {}).get(f"K={K} {k}-shot")) for k in shots]
@@ -91,9 +93,9 @@ def accuracy_by_shots(path: Path, summary: dict[str, dict[str, tuple[float, floa
         ax.axhline(100 / K, color="gray", lw=0.8, ls=":")
         ax.set(title=f"K = {K}", xlabel="shots per digit", xticks=list(shots))
     axes[0][0].set_ylabel("K-way accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

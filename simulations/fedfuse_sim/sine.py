@@ -196,6 +196,13 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
     ours.personalize(test.tau[:1])
     timings["one_initializer_ms"] = 1000 * (time.perf_counter() - t0)
     post_no_align = no_align.personalize(test.tau)
+    t0 = time.perf_counter()
+    post_distilled = ours.personalize(test.tau, distill=True)
+    timings["personalize_all_distilled_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours.personalize(test.tau[:1], distill=True)
+    timings["one_distilled_initializer_ms"] = 1000 * (time.perf_counter() - t0)
+    post_no_align_distilled = no_align.personalize(test.tau, distill=True)
     probe = sine.probe_grid(cfg.probe_points)
     neighbours = baselines.AlignedNeighbours().fit(sine.SPEC, apply_perms(sine.SPEC, zoo.weights, ours.perms_),
                                                    zoo.tau, probe)
@@ -204,10 +211,12 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
     post_nn = ours.personalize(test.tau, features=nearest)
     inits = {
         "ours": (sine.SPEC, post.mean),
+        "ours, distilled": (sine.SPEC, post_distilled.mean),
         "ours, Adam fine-tuning": (sine.SPEC, post.mean),
         "ours, 1-NN's features": (sine.SPEC, post_nn.mean),
         "paper's decoder": (sine.SPEC, ours.decode(test.tau)),
         "no-align": (sine.SPEC, post_no_align.mean),
+        "no-align, distilled": (sine.SPEC, post_no_align_distilled.mean),
         "cold-start": (sine.SPEC, sine.SPEC.init(n, gen)),
         "1-NN": (sine.SPEC, nearest),
         "k-NN aligned": (sine.SPEC, neighbours.predict(test.tau)),
@@ -215,7 +224,8 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
     } | {name: (MAML_SPECS[name], m.init(n)) for name, m in mamls.items()}
     tuners = {m: (spec, partial(train_networks, spec, init, steps=cfg.finetune_steps, lr=cfg.finetune_lr))
               for m, (spec, init) in inits.items()}
-    for method, p in (("ours", post), ("ours, 1-NN's features", post_nn), ("no-align", post_no_align)):
+    for method, p in (("ours", post), ("ours, distilled", post_distilled), ("ours, 1-NN's features", post_nn),
+                      ("no-align", post_no_align), ("no-align, distilled", post_no_align_distilled)):
         tuners[method] = (sine.SPEC, bayes_tuner(p))
     tuners |= {f"{name}, own SGD": (MAML_SPECS[name], partial(m.train_networks, steps=cfg.maml_test_steps))
                for name, m in mamls.items()}  # MAML as Finn et al. test it: its own SGD steps
@@ -233,8 +243,11 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
              "uncertainty": {"spearman": stats["spearman"], "coverage": stats["coverage"]},
              "reconstruction_nrmse": reconstruction(ours, zoo, train),
              "worse_than_0shot": report.worse_than_zero_shot(rows, "ours", "nrmse", lower_is_better=True),
+             "worse_than_0shot_distilled": report.worse_than_zero_shot(rows, "ours, distilled", "nrmse",
+                                                                       lower_is_better=True),
              "selected": {"kernel": ours.function_.kernel_name_, "kernel_loo": ours.function_.candidates_,
                           "readout_ridge": ours.readout_ridge_,
+                          "distill_steps": ours.distill_steps_, "distill_errors": ours.distill_errors_,
                           "nearby_covariance": [ours.function_.nearby_size_, ours.function_.nearby_shrink_],
                           "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}
     return rows, extra

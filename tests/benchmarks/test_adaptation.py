@@ -22,7 +22,7 @@ def test_the_adaptation_report_runs_on_saved_fits(tmp_path):
     tasks = sine.sample_tasks(30, seed=0)
     zoo = ModelZoo(sine.SPEC, sine.pretrain(tasks, seed=1, points=50, steps=150), tasks.tau,
                    [f"sine-{i:05d}" for i in range(30)])
-    model = MetaModel(hidden=(32,), max_rounds=2, steps_per_round=30, code_dim=4, base_dim=4, seed=0)
+    model = MetaModel(hidden=(32,), max_rounds=2, steps_per_round=30, code_dim=4, base_dim=4, seed=0, distill_steps=100)
     model.fit(zoo, probe=sine.probe_grid(64)).save(tmp_path / "meta_model_seed0.safetensors")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--bench", str(tmp_path),
                           "--out", str(tmp_path / "out"), "--n-test", "10"], capture_output=True, text=True, timeout=580)
@@ -44,6 +44,15 @@ def test_the_adaptation_report_runs_on_saved_fits(tmp_path):
     assert 0 < edges["readout floor nRMSE"] <= edges["0-shot nRMSE"]  # the best readout on the same features
     assert len(report["covariance_rows"]) == 4 * 3 * 2
     assert "## Acceptance threshold" in (tmp_path / "out" / "adaptation.md").read_text()
+    # the distilled path: the same report on the distilled initializers and pseudo-devices
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--bench", str(tmp_path),
+                          "--out", str(tmp_path / "distilled"), "--n-test", "10", "--distill"],
+                         capture_output=True, text=True, timeout=580)
+    assert res.returncode == 0, res.stderr[-3000:]
+    distilled = json.loads((tmp_path / "distilled" / "adaptation.json").read_text())
+    assert distilled["edges"]["0"]["0-shot nRMSE"] != edges["0-shot nRMSE"]
+    assert [r["zoo_ratio"] for r in distilled["acceptance"]] != [r["zoo_ratio"] for r in rows]
+    assert len(distilled["acceptance"]) == 4 * 4
 
 
 def test_the_adaptation_report_says_what_is_missing(tmp_path):

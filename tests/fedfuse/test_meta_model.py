@@ -114,13 +114,17 @@ def test_save_load_round_trips_to_identical_initializers(fitted, tmp_path):
 def test_the_previous_format_still_loads_and_an_unknown_one_is_refused(fitted, tmp_path, monkeypatch):
     from fedfuse import meta_model
 
-    monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/2")  # what the last release wrote
+    monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/2")  # what earlier releases wrote
     fitted.save(tmp_path / "v2.safetensors")
+    monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/3")
+    fitted.save(tmp_path / "v3.safetensors")
     monkeypatch.setattr(meta_model, "FORMAT", "fedfuse.meta_model/1")
     fitted.save(tmp_path / "v1.safetensors")
     monkeypatch.undo()
     tau = torch.tensor([[1.0, 0.5]])
-    assert torch.equal(MetaModel.load(tmp_path / "v2.safetensors").personalize(tau).mean, fitted.personalize(tau).mean)
+    for old in ("v2", "v3"):
+        assert torch.equal(MetaModel.load(tmp_path / f"{old}.safetensors").personalize(tau).mean,
+                           fitted.personalize(tau).mean)
     with pytest.raises(FedfuseError, match="not a meta-model"):
         MetaModel.load(tmp_path / "v1.safetensors")
 
@@ -288,6 +292,10 @@ def test_a_vector_zoo_without_probe_reconstructs_its_uploads_with_their_own_read
     zoo = ModelZoo(VectorSpec(3), weights, tau, [f"v{i}" for i in range(30)])
     model = MetaModel(**FAST).fit(zoo)
     assert torch.allclose(model.reconstruct(own_readout=True), weights, atol=1e-5)
+    # with a probe (item features) a bare vector is all readout, solved exactly: nothing to distill
+    probed = MetaModel(**FAST, distill_steps=50).fit(zoo, probe=torch.rand(8, 3, generator=gen))
+    assert probed.distill_steps_ == 0
+    assert torch.equal(probed.personalize([0.5, 0.5], distill=True).mean, probed.personalize([0.5, 0.5]).mean)
 
 
 def test_a_multi_output_readout_prior_keeps_each_output_with_its_own_rows():
@@ -310,3 +318,83 @@ def test_a_multi_output_readout_prior_keeps_each_output_with_its_own_rows():
     diag = (pred.scale[:, None] ** 2 * pred.residual).reshape(2, 12, 3).double()
     torch.testing.assert_close(post.readout.diag.double(), torch.einsum("qhn,qnc->qhc", a**2, diag).reshape(2, 27),
                                rtol=1e-4, atol=1e-9)
+
+
+def test_distillation_trains_every_weight_towards_the_predicted_function(fitted, small_sine_zoo, tmp_path):
+    """The slower path: the network computes the predicted function on the probe more closely
+    than the solved readout alone does, its hidden layers move, and its readout prior is solved on
+    them; the step count is the one the zoo's simulated devices chose, and it is saved."""
+    from fedfuse.fitter import DISTILL_STEPS
+
+    assert set(fitted.distill_errors_) == set(DISTILL_STEPS)
+    assert fitted.distill_steps_ == min(fitted.distill_errors_, key=fitted.distill_errors_.get)
+    tau = torch.tensor([[1.0, 0.5], [4.0, 2.5]])
+    target = fitted.function_.predict(tau).mean
+    model = copy.copy(fitted)
+    model.distill_steps_ = 300  # whatever this small zoo chose, the path must train
+    fast, slow = model.personalize(tau), model.personalize(tau, distill=True)
+    gap = lambda w: (sine.SPEC.forward(w, PROBE).flatten(1) - target).norm(dim=1)  # noqa: E731
+    assert (gap(slow.mean) < 0.9 * gap(fast.mean)).all()
+    hidden = torch.ones(301, dtype=torch.bool)
+    hidden[sine.SPEC.readout_index.flatten()] = False
+    assert not torch.allclose(slow.mean[:, hidden], fast.mean[:, hidden])
+    # the readout prior is the one personalize(features=...) gives for the distilled hidden layers
+    again = model.personalize(tau, features=slow.mean)
+    assert torch.equal(again.mean[:, hidden], slow.mean[:, hidden])
+    assert torch.allclose(again.readout.factor, slow.readout.factor, atol=1e-6)
+    model.distill_steps_ = 0  # the zoo found no gain: the fast initializer, unchanged
+    assert torch.equal(model.personalize(tau, distill=True).mean, fast.mean)
+    fitted.save(tmp_path / "mm.safetensors")
+    assert MetaModel.load(tmp_path / "mm.safetensors").distill_steps_ == fitted.distill_steps_
+
+
+def test_a_given_distill_step_count_is_used_and_a_fit_without_function_space_refuses(small_sine_zoo):
+    _, zoo = small_sine_zoo
+    model = MetaModel(**FAST, distill_steps=7).fit(zoo, probe=PROBE)
+    assert model.distill_steps_ == 7 and model.distill_errors_ == {}
+    with pytest.raises(FedfuseError, match="function-space head"):
+        MetaModel(**FAST).fit(zoo).personalize([[2.0, 1.0]], distill=True)
+
+
+def test_the_readout_ridge_is_judged_on_the_probe_half_it_was_not_solved_on(fitted, small_sine_zoo):
+    """The simulated devices' score, recomputed here from its definition: each held-out model's
+    readout solved for its leave-one-out prediction on the even probe inputs, its error against the
+    model's own outputs on the odd ones, relative to that model's spread over the whole probe."""
+    from fedfuse import fitter
+    from fedfuse.readout import set_readout, solve_readout
+
+    _, zoo = small_sine_zoo
+    fn, probe = fitted.function_, fitted.probe_
+    pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(5))[:16]]
+    mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
+    truth = sine.SPEC.forward(zoo.weights[pick], probe).double()
+    base = fitted.reconstruct()[pick]
+    tuned = set_readout(sine.SPEC, base, solve_readout(sine.SPEC, base, probe[0::2], mean[:, 0::2], 1e-4)[0])
+    out = sine.SPEC.forward(tuned, probe[1::2]).double()
+    spread = (truth - truth.mean(1, keepdim=True)).norm(dim=(1, 2))
+    expected = float(((out - truth[:, 1::2]).norm(dim=(1, 2)) / spread).mean())
+    m, t, b = fitter._simulated_devices(fitted, zoo, torch.Generator().manual_seed(5), 16)
+    assert fitter._held_out_error(fitted, fitter._solved_on_even(fitted, b, m, 1e-4), t) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_fit_saved_before_distillation_distills_nothing_until_an_incremental_refit_chooses(small_sine_zoo, tmp_path):
+    """A /3 file has no step count: loaded, ``distill=True`` is the fast path (``distill_steps_``
+    is ``None``); an incremental refit of it chooses the steps on the zoo, as a full fit does."""
+    from fedfuse.io import load_tensors, save_tensors
+
+    _, zoo = small_sine_zoo
+    settings = {**FAST, "max_rounds": 2}
+    before = MetaModel(**settings).fit(zoo.subset(range(26)), probe=PROBE)
+    before.save(tmp_path / "new.safetensors")
+    tensors, meta = load_tensors(tmp_path / "new.safetensors")
+    meta["format"] = "fedfuse.meta_model/3"  # what the last release wrote: no distillation keys
+    del meta["distill_steps"], meta["settings"]["distill_steps"]
+    save_tensors(tmp_path / "v3.safetensors", tensors, meta)
+    old = MetaModel.load(tmp_path / "v3.safetensors")
+    assert old.distill_steps_ is None
+    assert torch.equal(old.personalize([[2.0, 1.0]], distill=True).mean, old.personalize([[2.0, 1.0]]).mean)
+    refit = MetaModel(**settings).fit(zoo, probe=PROBE, previous=old)
+    assert refit.refit_["new_or_replaced"] == 4 and refit.distill_steps_ in (0, 100, 300, 1000)
+    assert set(refit.distill_errors_) == {0, 100, 300, 1000}
+    with pytest.raises(FedfuseError, match="distill_steps=-1"):
+        MetaModel(**settings, distill_steps=-1).fit(zoo, probe=PROBE)

@@ -19,5 +19,8 @@ def test_overrides_types_and_unknown_keys():
         RunConfig.from_run_config({"num-client": 3})
     with pytest.raises(FedfuseError, match="must be int"):
         RunConfig.from_run_config({"shots": "many"})
+    assert RunConfig.from_run_config({"distill": True}).distill is True
+    with pytest.raises(FedfuseError, match="must be true or false"):  # bool("false") would be True
+        RunConfig.from_run_config({"distill": "false"})
     with pytest.raises(FedfuseError, match="comma-separated subset"):
         RunConfig(phase="collect,train")

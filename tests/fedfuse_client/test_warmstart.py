@@ -80,6 +80,9 @@ def test_fetch_sends_the_descriptor_and_parses_what_comes_back(family, device, b
     assert torch.equal(served.initializer.weights, expected.initializer.weights)
     assert served.initializer.readout is not None and served.samples.shape == (3, family.arch.num_weights)
     assert served.version == VERSION and served.family == "sine" and math.isfinite(served.initializer.uncertainty)
+    client, seen = _client(_ok(body))
+    fetch_initializer(URL, device.client_id, device.tau, family.arch, distill=True, client=client, **FAST)
+    assert json.loads(seen[0].content) == {"client_id": device.client_id, "descriptor": device.tau, "distill": True}
 
 
 def test_transient_failures_are_retried_with_backoff(family, device, body):

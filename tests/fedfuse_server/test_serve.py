@@ -136,6 +136,7 @@ def test_model_info_and_health(service):
     assert info["family"] == "sine" and info["architecture"] == sine.SPEC.to_dict()
     assert info["descriptor"] == {"length": 2, "names": ["amplitude", "phase"]}
     assert (info["version"], info["n_models"]) == (entry.sha256, 20) and info["fitted_at"].endswith("+00:00")
+    assert info["distill_steps"] == service.store.load_meta_model().distill_steps_
     assert service.http.get("/healthz").json() == {"status": "ok", "version": entry.sha256}
     assert service.http.get("/v2/initializers").status_code == 404
     assert service.http.post("/healthz").status_code == 405
@@ -155,9 +156,10 @@ def test_model_info_and_health(service):
     ({"client_id": "phone\n1", "descriptor": TAU}, "client-id must be a printable string"),
     ({"descriptor": TAU}, "client-id must be a printable string"),
     ({"client_id": "phone-1", "descriptor": TAU, "data": [1, 2]}, "unexpected keys ['data']"),
+    ({"client_id": "phone-1", "descriptor": TAU, "distill": "yes"}, "distill must be true or false"),
     (b"[" * 150_000 + b"]" * 150_000, "exceeds 262144 bytes"),
 ], ids=["bad-json", "not-an-object", "short", "string", "out-of-domain", "huge", "empty-id", "control-char",
-        "no-id", "extra-key", "oversized"])
+        "no-id", "extra-key", "distill-not-bool", "oversized"])
 def test_bad_requests_get_400_and_the_reason(service, body, reason):
     resp = _post(service.http, body)
     assert resp.status_code == 400 and reason in resp.json()["error"]
@@ -193,6 +195,48 @@ def test_503_until_the_first_fit_lands_then_it_is_served(service, tmp_path, mode
             resp = _post(service.http, body, prefix)
         assert resp.status_code == 200
         assert resp.headers[wire.VERSION_HEADER] == ModelStore(tmp_path).meta_model_entry().sha256
+
+
+@pytest.mark.slow
+def test_a_distilled_initializer_is_the_slower_path_of_the_stored_model(service, tmp_path, models):
+    model = copy.copy(models[0])
+    model.distill_steps_ = 50  # whatever this small zoo chose, the path must train
+    ModelStore(tmp_path).save_meta_model(model)
+    distilled = model.personalize(TAU, distill=True).mean[0]
+    assert not torch.equal(distilled, model.personalize(TAU).mean[0])
+    with another_app(service, "distilled", store=str(tmp_path)) as prefix:
+        body = {"client_id": "phone-1", "descriptor": TAU, "distill": True}
+        resp, deadline = _post(service.http, body, prefix), time.monotonic() + 30
+        while resp.status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            resp = _post(service.http, body, prefix)
+        assert resp.status_code == 200 and service.http.get(f"{prefix}/v1/model").json()["distill_steps"] == 50
+        assert torch.equal(wire.parse_initializer_file(resp.content, sine.SPEC).initializer.weights, distilled)
+        fast = _post(service.http, {"client_id": "phone-1", "descriptor": TAU}, prefix)
+        assert torch.equal(wire.parse_initializer_file(fast.content, sine.SPEC).initializer.weights,
+                           model.personalize(TAU).mean[0])
+
+
+def test_a_replica_computes_at_most_max_distilling_distilled_initializers_at_once(tmp_path, models):
+    """Beyond ``MAX_DISTILLING`` optimizer loops a replica answers "ask again" instead of slowing
+    every request down; a freed slot serves the next one (the plain class, no Ray)."""
+    store = ModelStore(tmp_path / "store")
+    store.save_meta_model(models[0])
+    interval = sys.getswitchinterval()
+    replica = service_module.InitializerService(str(store.root), poll_s=60)
+    try:
+        served = replica._served
+        for _ in range(service_module.MAX_DISTILLING):
+            assert replica._distill_slots.acquire(blocking=False)
+        assert asyncio.run(replica._distilled(served, "phone-1", TAU, 0)) is None
+        replica._distill_slots.release()
+        data = asyncio.run(replica._distilled(served, "phone-1", TAU, 0))
+        assert data == served.initializer("phone-1", TAU, 0, distill=True)
+        assert replica._distill_slots.acquire(blocking=False)  # the slot it used is free again
+    finally:
+        replica._stop.set()
+        gc.unfreeze()
+        sys.setswitchinterval(interval)
 
 
 @pytest.mark.slow

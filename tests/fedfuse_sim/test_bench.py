@@ -22,17 +22,21 @@ def _bench(tmp_path, name, *args):
 def test_sine_smoke(tmp_path):
     summary, rows, table = _bench(tmp_path, "sine")
     s = summary["summary"]
-    assert set(s) == {"ours", "ours, Adam fine-tuning", "ours, 1-NN's features", "paper's decoder", "no-align",
-                      "cold-start", "1-NN", "k-NN aligned", "zoo average", "MAML [1-100-1]", "MAML [1-40-40-1]",
+    assert set(s) == {"ours", "ours, distilled", "ours, Adam fine-tuning", "ours, 1-NN's features", "paper's decoder",
+                      "no-align", "no-align, distilled", "cold-start", "1-NN", "k-NN aligned", "zoo average", "MAML [1-100-1]", "MAML [1-40-40-1]",
                       "MAML [1-100-1], own SGD", "MAML [1-40-40-1], own SGD"}
     assert s["ours"]["0-shot"][0] < s["1-NN"]["0-shot"][0] < s["cold-start"]["0-shot"][0]
     assert s["ours"]["0-shot"][0] < s["paper's decoder"]["0-shot"][0]
-    assert len(rows) == 13 * 2 * 10  # methods x shots x test tasks
+    assert len(rows) == 15 * 2 * 10  # methods x shots x test tasks
     assert "paper: MAML [1-40-40-1]" in table and "centralized" in table
     seed = summary["per_seed"]["0"]
     assert -1 <= seed["uncertainty"]["spearman"] <= 1 and set(seed["uncertainty"]["coverage"]) >= {"0.90"}
     assert set(seed["reconstruction_nrmse"]) == {"uploaded", "decoded", "decoded + own readout"}
     assert set(seed["worse_than_0shot"]) == {"10-shot"} and seed["selected"]["kernel"] in ("rbf", "rbf+linear", "overlap")
+    assert set(seed["worse_than_0shot_distilled"]) == {"10-shot"}
+    assert set(seed["selected"]["distill_errors"]) == {"0", "100", "300", "1000"}
+    assert seed["selected"]["distill_steps"] == int(min(seed["selected"]["distill_errors"],
+                                                        key=seed["selected"]["distill_errors"].get))
     size, shrink = seed["selected"]["nearby_covariance"]
     assert (size, shrink) == (0, 1.0) or (size > 0 and 0 < shrink < 1)  # the shared covariance, or nearby models shrunk towards it
     for name in ("sine_fig2.png", "fit_history.png", "uncertainty.png", "meta_model_seed0.safetensors"):
@@ -43,9 +47,9 @@ def test_sine_smoke(tmp_path):
 def test_mnist_smoke(tmp_path):
     summary, rows, table = _bench(tmp_path, "mnist")
     s = summary["summary"]
-    assert set(s) == {"ours", "ours, Adam fine-tuning", "paper's decoder", "no-align", "cold-start", "1-NN",
-                      "k-NN aligned", "zoo average", "MAML", "MAML, own SGD"}
-    assert len(rows) == 10 * 2 * 8  # methods x shots x (2 test tasks per K, K = 2..5)
+    assert set(s) == {"ours", "ours, distilled", "ours, Adam fine-tuning", "paper's decoder", "no-align",
+                      "no-align, distilled", "cold-start", "1-NN", "k-NN aligned", "zoo average", "MAML", "MAML, own SGD"}
+    assert len(rows) == 12 * 2 * 8  # methods x shots x (2 test tasks per K, K = 2..5)
     ours = [s["ours"][f"K={k} 0-shot"][0] for k in (2, 3, 4, 5)]
     assert sum(ours) > sum(s["paper's decoder"][f"K={k} 0-shot"][0] for k in (2, 3, 4, 5))
     seed = summary["per_seed"]["0"]
