@@ -234,7 +234,7 @@ def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "M
     model.readout_ridge_ = previous.readout_ridge_
     model.distill_steps_, model.distill_errors_ = previous.distill_steps_, {}
     if model.distill_steps_ is None:  # the previous fit predates distillation: choose now
-        _set_distill_steps(model, zoo, torch.Generator().manual_seed(model.seed))
+        _set_distill_steps(model, zoo, gen)
     model.refit_ = {"new_or_replaced": int((~unchanged).sum()), "carried_over": int(unchanged.sum())}
     model.fit_seconds_ = time.perf_counter() - start
     log.info("incremental refit of %d models (%d new or replaced) in %.1fs", len(zoo), int((~unchanged).sum()),
