@@ -53,8 +53,8 @@ class WarmStart:
 
 def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architecture, *,
                       token: str | None = None, samples: int = 0, distill: bool = False, timeout: float = 10.0,
-                      retries: int = 3,
-                      backoff: float = 0.5, client: httpx.Client | None = None) -> wire.ServedInitializer:
+                      retries: int = 3, backoff: float = 0.5, client: httpx.Client | None = None
+                      ) -> wire.ServedInitializer:
     """This device's initializer from the service at ``url``, checked: the body's sha256 against
     ``X-Content-SHA256``, its architecture against ``spec``, every array as the Flower path
     checks them. Connection failures, timeouts, 429, 5xx and corrupted bodies are retried

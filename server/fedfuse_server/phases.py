@@ -282,7 +282,8 @@ class ServerRun:
         # devices with an initializer-url ignore this message: distilling it would be wasted
         distill = self.cfg.distill and not self.cfg.initializer_url
         if distill and not model.distillable:
-            log.warning("distill: this meta-model has no function-space head (no probe); sending the fast initializers")
+            log.warning("distill: this meta-model has no function-space head (no probe); "
+                        "sending the fast initializers")
             distill = False
         post = model.personalize(torch.tensor([t for _, _, t in targets]), distill=distill)
         msgs = [_request(node, wire.PERSONALIZE, wire.initializer(post, j)) for j, (node, _, _) in enumerate(targets)]

@@ -271,7 +271,7 @@ class MetaModel:
         steps = self.distill_steps_ if steps is None else steps
         target = mean.reshape(base.shape[0], -1, self.spec_.num_outputs).float()
         with torch.enable_grad():  # personalize itself runs without autograd (not under inference_mode)
-            return train_networks(self.spec_, base.float(), probe, target, steps=steps or 0, lr=DISTILL_LR,
+            return train_networks(self.spec_, base.float(), probe, target, steps=steps, lr=DISTILL_LR,
                                   on_step=on_step)
 
     def _readout_prior(self, base: Tensor, pred: FunctionPrediction) -> tuple[Tensor, ReadoutGaussian]:

@@ -22,8 +22,8 @@ request (server)    reply (device)        content of the reply / request
 A new device may also ask the initializer service (``fedfuse serve``) over HTTP instead:
 ``POST /v1/initializers`` with :func:`initializer_request` (JSON ``client_id``, ``descriptor``,
 optionally ``samples`` and ``distill``), answered by :func:`initializer_file`, a safetensors file
-with the same arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family, meta-model
-version, uncertainty, novelty and low-confidence flag; the response header
+with the same arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family,
+meta-model version, uncertainty, novelty and low-confidence flag; the response header
 ``X-Content-SHA256`` carries the body's hash. :func:`parse_initializer_request` and
 :func:`parse_initializer_file` are their parsers.
 
