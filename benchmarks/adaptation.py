@@ -10,11 +10,16 @@ per seed, on the same test tasks and shots as the bench:
   the test tasks); and the floor of the readout: the least-squares readout on the initializer's
   hidden layer fitted to each test function on the evaluation grid.
 * **acceptance**: the device keeps an update only when its held-out shots beat the initializer by
-  ``t`` standard errors (``condition_readout(threshold=t)``; default ``fedfuse.adaptation.THRESHOLDS``), scored
-  on the test tasks and on *pseudo-devices* the server can build from the zoo alone: each upload's
-  function and readout prior predicted from the others (leave-one-out; the hidden layer is the
-  decoded one at its descriptor, as a new device gets), ``k`` of its probe outputs as shots,
-  scored against the upload on the other probe inputs.
+  ``t`` standard errors, takes a share (``shrink``) of it, and considers the cross-validation's best
+  strength only or any strength that clears the margin, judged by 5-fold or leave-one-out
+  cross-validation (``fedfuse.adaptation.Acceptance``; the
+  device's default is ``fedfuse.adaptation.RULES``). Every rule of the grid is scored on the test
+  tasks and on *pseudo-devices* the server can build from the zoo alone: each upload's function
+  and readout prior predicted from the others (leave-one-out; the hidden layer is the decoded one
+  at its descriptor, as a new device gets), ``k`` of its probe outputs as shots, scored against
+  the upload on the other probe inputs. The zoo's choice: the rule with the lowest mean
+  pseudo-device error among those leaving at most 5 % of pseudo-devices worse than their
+  initializer at every shot count on every seed.
 * **covariance**: the readout prior's residual covariance, shared by all tasks (the product) or
   the one the fit chose (``FunctionSpaceGP``: the leave-one-out residuals of the nearest zoo
   models shrunk towards the shared one, by the zoo's held-out likelihood), conditioned exactly at
@@ -38,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedfuse.adaptation import condition_readout
+from fedfuse.adaptation import RULES, Acceptance, cross_validate
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
@@ -47,7 +52,11 @@ from fedfuse.tasks import sine
 from fedfuse_sim.sine import shot_inputs, unseen_tasks
 
 SHOTS = (10, 20, 30, 40)
-T_GRID = (0.0, 1.0, 2.0, 3.0)  # acceptance margins, in standard errors
+# the acceptance rules: margins in standard errors, shares of the update, either selection of strength,
+# 5-fold or leave-one-out
+GRID = tuple(Acceptance(t, a, any_s, folds) for folds in (5, None) for any_s in (False, True)
+             for t in (0.0, 1.0, 2.0, 3.0) for a in (1.0, 0.7, 0.5, 0.35))
+HARM_BOUND = 0.05  # the share of pseudo-devices an update may leave worse than their initializer
 FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
 BINS = 8
 
@@ -85,9 +94,14 @@ def edges(model: MetaModel, test: sine.SineTasks, post: WeightPosterior) -> dict
             "readout floor nRMSE": float(floor.mean()), "0-shot nRMSE": float(sine.nrmse(sine.SPEC, post.mean, test).mean())}
 
 
+def rule_name(rule: Acceptance) -> str:
+    return (f"t {rule.threshold:g}, shrink {rule.shrink:g}, " + ("any strength" if rule.any_strength else "best strength")
+            + (", leave-one-out" if rule.folds is None else f", {rule.folds}-fold"))
+
+
 def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int,
                distill: bool = False) -> list[dict[str, Any]]:
-    """Mean error and share of devices made worse for each margin, on pseudo-devices and tests;
+    """Mean error and share of devices made worse for each rule, on pseudo-devices and tests;
     with ``distill`` the pseudo-devices' hidden layers are distilled as ``personalize(distill=True)``
     does (``post`` is then the distilled posterior)."""
     spec, fn, probe = sine.SPEC, model.function_, model.probe_
@@ -114,13 +128,25 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
         xs, ys = probe[pick], torch.gather(uploads, 1, pick)[..., None]
         zoo0 = zoo_error(w_zoo, held)
         x = shot_inputs(len(test), k, seed)
-        for t in T_GRID:
-            ez = zoo_error(condition_readout(spec, w_zoo, prior_zoo, xs, ys, "mse", threshold=t), held)
-            et = sine.nrmse(spec, condition_readout(spec, post.mean, post.readout, x, test(x), "mse", threshold=t), test)
-            rows.append({"seed": seed, "shots": k, "threshold": t,
+        cvs = {folds: (cross_validate(spec, w_zoo, prior_zoo, xs, ys, folds=folds),
+                       cross_validate(spec, post.mean, post.readout, x, test(x), folds=folds))
+               for folds in dict.fromkeys(rule.folds for rule in GRID)}
+        for rule in GRID:
+            cv_zoo, cv_test = cvs[rule.folds]
+            ez, et = zoo_error(cv_zoo.conditioned(rule), held), sine.nrmse(spec, cv_test.conditioned(rule), test)
+            rows.append({"seed": seed, "shots": k, "rule": rule_name(rule),
                          "zoo_ratio": float(ez.mean() / zoo0.mean()), "zoo_worse": float((ez > zoo0).float().mean()),
                          "test_nrmse": float(et.mean()), "test_worse": float((et > test0).float().mean())})
     return rows
+
+
+def zoo_choice(rows: list[dict[str, Any]]) -> str | None:
+    """The rule the zoo alone picks: the lowest mean pseudo-device error ratio among the rules
+    that leave at most :data:`HARM_BOUND` of the pseudo-devices worse at every shot count and seed."""
+    over = {r["rule"] for r in rows if r["zoo_worse"] > HARM_BOUND + 1e-6}  # float32 shares
+    ratio = {name: sum(r["zoo_ratio"] for r in rows if r["rule"] == name)
+             for name in dict.fromkeys(r["rule"] for r in rows) if name not in over}
+    return min(ratio, key=ratio.__getitem__, default=None)  # ties: the first in the grid's order
 
 
 def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int) -> dict[str, Any]:
@@ -164,6 +190,18 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     return {"choice": choice, "rows": rows}
 
 
+def _rule_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per acceptance rule: its worst zoo harm and its seed means per shot count."""
+    out = []
+    for name in dict.fromkeys(r["rule"] for r in rows):
+        mine = [r for r in rows if r["rule"] == name]
+        cell = lambda c: " / ".join(f"{sum(r[c] for r in mine if r['shots'] == k) / sum(r['shots'] == k for r in mine):.4f}"  # noqa: E731
+                                    for k in SHOTS)
+        out.append(f"| {name} | {max(r['zoo_worse'] for r in mine):.3f} | {cell('zoo_ratio')} | {cell('test_nrmse')} | "
+                   f"{cell('test_worse')} |")
+    return out
+
+
 def _table(rows: list[dict[str, Any]], keys: tuple[str, ...], cells: tuple[str, ...]) -> list[str]:
     """Rows averaged over seeds: one line per ``keys`` value, each of ``cells`` its mean."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -203,6 +241,7 @@ def main() -> None:
         report["covariance_rows"] += cov["rows"]
         report["acceptance"] += acceptance(model, test, post, seed, args.distill)
         print(f"seed {seed} done: the fit's covariance: {cov['choice']}", flush=True)
+    report["zoo_choice"] = zoo_choice(report["acceptance"])
     (args.out / "adaptation.json").write_text(json.dumps(report, indent=2))
     lines = ["## Relative RMS error per eighth of [-5, 5] (seed means)", "",
              "| what | " + " | ".join(f"bin {i + 1}" for i in range(BINS)) + " |", "|---|" + "---|" * BINS]
@@ -211,9 +250,14 @@ def main() -> None:
         lines.append(f"| {what} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     lines += ["", "0-shot nRMSE and the least-squares readout's floor, per seed: " + ", ".join(
         f"seed {s}: {e['0-shot nRMSE']:.4f} / {e['readout floor nRMSE']:.4f}" for s, e in report["edges"].items())]
-    lines += ["", "## Acceptance threshold t (seed means): zoo pseudo-devices and test tasks", "",
-              "| shots | t | zoo error / 0-shot | zoo share worse | test nRMSE | test share worse |", "|---|---|---|---|---|---|"]
-    lines += _table(report["acceptance"], ("shots", "threshold"), ("zoo_ratio", "zoo_worse", "test_nrmse", "test_worse"))
+    device = rule_name(RULES["mse"])
+    lines += ["", "## Acceptance rules (seed means): zoo pseudo-devices and test tasks", "",
+              f"The zoo's choice: **{report['zoo_choice']}**; the device's default "
+              f"(`RULES`): {device}. Zoo max worse: the largest share of pseudo-devices left worse "
+              "over seeds and shot counts (the bound: 5 %).", "",
+              "| rule | zoo max worse | zoo error / 0-shot, 10/20/30/40 shots | test nRMSE, 10/20/30/40 | "
+              "test share worse, 10/20/30/40 |", "|---|---|---|---|---|"]
+    lines += _rule_table(report["acceptance"])
     choices = ", ".join(f"seed {s}: {c['choice']}" for s, c in report["covariance"].items())
     lines += ["", f"## Residual covariance at fixed strength c, exact conditioning (seed means; the fit's: {choices})", "",
               "| shots | covariance | c | test nRMSE | test share worse |", "|---|---|---|---|---|"]

@@ -49,6 +49,7 @@ class WarmStart:
     uncertainty: float
     reason: str = ""
     version: str | None = None  # the meta-model that made it
+    distilled: bool = False  # made by the service's slower path (a model whose zoo chose 0 steps answers fast)
 
 
 def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architecture, *,
@@ -141,4 +142,4 @@ def warm_start(url: str, family: TaskFamily, data: LocalData, **options: Any) ->
         log.warning("device %r: no initializer from %s (%r); training a cold start", data.client_id, url, str(exc))
         return WarmStart(cold_start(family, data)[1][0], "cold-start", math.nan, str(exc))
     return WarmStart(adapt(family, served.initializer, data)[0], "service", served.initializer.uncertainty,
-                     version=served.version)
+                     version=served.version, distilled=served.initializer.distilled)

@@ -348,7 +348,7 @@ class MetaModel:
             uncertainty = 1 - probs.max(-1).values.mean(1)
         return WeightPosterior(self.spec_, weights, code_loc=code_mean, code_variance=code_var,
                                uncertainty=uncertainty, novelty=pred.novelty, readout=readout,
-                               seed=self.seed)
+                               distilled=bool(distill and self.distill_steps_), seed=self.seed)
 
     @torch.no_grad()
     def decode(self, tau: Tensor | list[float]) -> Tensor:

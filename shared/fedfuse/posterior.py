@@ -69,7 +69,8 @@ class WeightPosterior(Distribution):
     error learned from the zoo's leave-one-out errors (for class logits, the expected share of
     inputs it misclassifies; the code variance ratio where there is no function space);
     ``novelty`` in ``[0, 1]`` how far the descriptor sits from the zoo (the
-    GP's predictive over prior variance).
+    GP's predictive over prior variance); ``distilled`` whether the slower, distilled path made
+    ``mean`` (it travels with the initializer).
     """
 
     arg_constraints: dict = {}
@@ -78,7 +79,7 @@ class WeightPosterior(Distribution):
 
     def __init__(self, spec: Architecture, mean: Tensor, *, code_loc: Tensor, code_variance: Tensor,
                  uncertainty: Tensor, novelty: Tensor, readout: ReadoutGaussian | None = None,
-                 decoded: DecodedCodes | None = None,
+                 decoded: DecodedCodes | None = None, distilled: bool = False,
                  moment_samples: int = 64, seed: int = 0) -> None:
         if (readout is None) == (decoded is None):
             raise ValueError("a WeightPosterior needs exactly one of readout= or decoded=")
@@ -87,6 +88,7 @@ class WeightPosterior(Distribution):
         self.code_loc, self.code_variance = code_loc.detach(), code_variance.detach()
         self.uncertainty, self.novelty = uncertainty.detach(), novelty.detach()
         self.readout, self._decoded = readout, decoded
+        self.distilled = distilled
         self._moments = (moment_samples, seed)
         self._variance: Tensor | None = None
         super().__init__(torch.Size([mean.shape[0]]), torch.Size([spec.num_weights]), validate_args=False)

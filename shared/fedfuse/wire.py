@@ -14,7 +14,7 @@ request (server)    reply (device)        content of the reply / request
                                           ``reason``
 ``train.personalize`` metrics             request: arrays ``flat`` [, ``readout-factor``,
                                           ``readout-diag``], config ``uncertainty``,
-                                          ``novelty``; reply: metrics ``shots``,
+                                          ``novelty``, ``distilled``; reply: metrics ``shots``,
                                           ``score-0shot``, ``score-adapted``,
                                           ``cold-score-0shot``, ``cold-score-adapted``
 ==================  ====================  ==================================================
@@ -23,7 +23,7 @@ A new device may also ask the initializer service (``fedfuse serve``) over HTTP 
 ``POST /v1/initializers`` with :func:`initializer_request` (JSON ``client_id``, ``descriptor``,
 optionally ``samples`` and ``distill``), answered by :func:`initializer_file`, a safetensors file
 with the same arrays (plus ``samples``) and a ``fedfuse`` header naming the architecture, family,
-meta-model version, uncertainty, novelty and low-confidence flag; the response header
+meta-model version, uncertainty, novelty, low-confidence and distilled flags; the response header
 ``X-Content-SHA256`` carries the body's hash. :func:`parse_initializer_request` and
 :func:`parse_initializer_file` are their parsers.
 
@@ -61,6 +61,7 @@ UPLOAD_KEYS = frozenset({"client-id", "arch", "tau", "n-examples"})
 METRIC_KEYS = ("shots", "score-0shot", "score-adapted", "cold-score-0shot", "cold-score-adapted")
 # the initializer service (HTTP)
 SAMPLES, DISTILL = "samples", "distill"
+DISTILLED = "distilled"  # an initializer's flag: made by the distilled path
 REQUEST_KEYS = frozenset({"client_id", "descriptor", SAMPLES, DISTILL})
 INITIALIZER_FORMAT = "fedfuse.initializer/1"
 CHECKSUM_HEADER, VERSION_HEADER = "X-Content-SHA256", "X-Model-Version"
@@ -103,6 +104,7 @@ class Initializer:
     readout: "ReadoutGaussian | None"
     uncertainty: float
     novelty: float
+    distilled: bool = False  # made by the slower, distilled path (what the device asked for may not be)
 
 
 # -- upload / decline ---------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def initializer(post: "WeightPosterior", j: int) -> Payload:
         arrays[READOUT_FACTOR] = post.readout.factor[j].detach().numpy().astype(np.float32)
         arrays[READOUT_DIAG] = post.readout.diag[j].detach().numpy().astype(np.float32)
     return Payload(arrays=arrays, config={"uncertainty": float(post.uncertainty[j]),
-                                          "novelty": float(post.novelty[j])})
+                                          "novelty": float(post.novelty[j]), DISTILLED: bool(post.distilled)})
 
 
 def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
@@ -207,7 +209,10 @@ def parse_initializer(payload: Payload, spec: Architecture) -> Initializer:
     if not all(isinstance(v, float) or isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53
                for v in (unc, nov)):
         raise MessageRejected("uncertainty and novelty must be numbers (whole ones at most 2**53)")
-    return Initializer(flat, readout, float(unc), float(nov))
+    distilled = payload.config.get(DISTILLED, False)  # absent from older servers' initializers
+    if not isinstance(distilled, bool):
+        raise MessageRejected(f"{DISTILLED} must be true or false, got {str(distilled)[:40]!r}")
+    return Initializer(flat, readout, float(unc), float(nov), distilled)
 
 
 # -- initializer over HTTP (the initializer service) ---------------------------------------------
@@ -306,8 +311,10 @@ def parse_initializer_file(data: bytes, spec: Architecture) -> ServedInitializer
     version, family, low = meta.get("version"), meta.get("family"), meta.get("low-confidence")
     if not isinstance(version, str) or not (family is None or isinstance(family, str)) or not isinstance(low, bool):
         raise MessageRejected("the response's header needs a version, a family (or null) and a low-confidence flag")
-    init = parse_initializer(Payload(arrays=arrays, config={k: meta.get(k) for k in ("uncertainty", "novelty")}),
-                             spec)
+    config = {k: meta.get(k) for k in ("uncertainty", "novelty")}
+    if DISTILLED in meta:  # older services' files lack it
+        config[DISTILLED] = meta[DISTILLED]
+    init = parse_initializer(Payload(arrays=arrays, config=config), spec)
     return ServedInitializer(init, version, family, low, samples)
 
 

@@ -1,6 +1,7 @@
 import torch
+from torch import Tensor
 
-from fedfuse.adaptation import THRESHOLDS, condition_readout
+from fedfuse.adaptation import RULES, Acceptance, _gaussian_map, _map_readout, condition_readout, cross_validate
 from fedfuse.architectures import MLPSpec
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.readout import get_readout, set_readout
@@ -60,14 +61,106 @@ def test_conditioning_with_cross_entropy():
 def test_a_stricter_threshold_only_keeps_more_initializers():
     """The acceptance rule: raising the required margin can only turn updates down, never
     accept one the looser rule declined; an update the rule takes is the same update (to the
-    solver's tolerance)."""
+    solves' rounding: the rows taken are solved together)."""
     spec, base, prior, truth, x, _ = _conditioning_case(k=10, seed=3)
     y = spec.forward(truth, x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
-    taken = {t: (condition_readout(spec, base, prior, x, y, "mse", threshold=t) != base).any(1) for t in (0.0, 2.0, 50.0)}
+    rule = lambda t: Acceptance(t)  # noqa: E731
+    taken = {t: (condition_readout(spec, base, prior, x, y, "mse", rule=rule(t)) != base).any(1) for t in (0.0, 2.0, 50.0)}
     assert taken[0.0].any() and not taken[50.0].any()
     assert (taken[2.0] <= taken[0.0]).all()
-    loose, strict = (condition_readout(spec, base, prior, x, y, "mse", threshold=t) for t in (0.0, 2.0))
-    assert torch.allclose(strict[taken[2.0]], loose[taken[2.0]], atol=1e-3)  # one L-BFGS over the rows taken
-    # without a threshold, the loss's default margin
+    loose, strict = (condition_readout(spec, base, prior, x, y, "mse", rule=rule(t)) for t in (0.0, 2.0))
+    assert torch.allclose(strict[taken[2.0]], loose[taken[2.0]], atol=1e-5)  # the same exact solve, batched differently
+    # without a rule, the loss's default
     default = condition_readout(spec, base, prior, x, y, "mse")
-    assert torch.equal(default, condition_readout(spec, base, prior, x, y, "mse", threshold=THRESHOLDS["mse"]))
+    assert torch.equal(default, condition_readout(spec, base, prior, x, y, "mse", rule=RULES["mse"]))
+
+
+def _noisy_case():
+    spec, base, prior, truth, x, _ = _conditioning_case(k=10, seed=3)
+    y = spec.forward(truth, x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    return spec, base, prior, x, y
+
+
+def test_a_shrunk_update_is_that_share_of_the_way_to_the_map_readout():
+    spec, base, prior, x, y = _noisy_case()
+    cv = cross_validate(spec, base, prior, x, y, "mse", strengths=(1.0,))
+    always = -1e9  # every update clears this margin
+    full, half = (get_readout(spec, cv.conditioned(Acceptance(always, a))) for a in (1.0, 0.5))
+    start = get_readout(spec, base)
+    assert not torch.allclose(full, start)
+    torch.testing.assert_close(half, start + 0.5 * (full - start), atol=1e-6, rtol=0)
+
+
+def test_any_strength_takes_every_update_the_best_strength_takes_and_maybe_more():
+    """Considering every strength that clears the margin can only add updates; where the
+    cross-validation's best strength clears it, both rules take the same update."""
+    spec, base, prior, x, y = _noisy_case()
+    cv = cross_validate(spec, base, prior, x, y, "mse")
+    for t in (0.0, 1.0, 2.0):
+        best, any_ = (cv.conditioned(Acceptance(t, 0.7, any_s)) for any_s in (False, True))
+        taken_best, taken_any = (best != base).any(1), (any_ != base).any(1)
+        assert (taken_best <= taken_any).all()
+        assert torch.allclose(best[taken_best], any_[taken_best], atol=1e-5)  # the same exact solve
+    assert (cv.conditioned(Acceptance(0.0, 0.7, True)) != base).any()
+
+
+def test_squared_error_cross_validation_equals_refits_without_each_fold():
+    """The exact algebra (one solve per strength) against brute force: the MAP readout solved
+    again on each fold's kept shots alone, predicting the held-out ones; and the full MAP
+    against the L-BFGS fit of the same objective."""
+    spec, base, prior, x, y = _noisy_case()
+    k, c = x.shape[1], 0.3
+    for folds in (5, None):
+        cv = cross_validate(spec, base, prior, x, y, "mse", strengths=(c,), folds=folds)
+        parts = k if folds is None else folds
+        for f in range(parts):
+            held = torch.arange(k) % parts == f
+            refit = _gaussian_map(cv.phi[:, ~held], prior, y[:, ~held], c * cv.unit / 2)
+            pred = cv.phi[:, held] @ refit.reshape(4, -1, 1)
+            torch.testing.assert_close(cv.held_out[0][:, held], pred, atol=1e-5, rtol=1e-4)
+    exact = _gaussian_map(cv.phi, prior, y, c * cv.unit / 2)
+    lbfgs = _map_readout(cv.phi, prior, y, torch.ones(4, k), "mse", c * cv.unit, max_iter=500)
+    torch.testing.assert_close(exact, lbfgs, atol=1e-3, rtol=1e-3)
+
+
+def test_two_outputs_match_the_weight_space_solve():
+    """Readout entries ordered hidden unit by output: the exact MAP and every fold's held-out
+    prediction against the posterior mean solved in weight space, shot by shot and output by output."""
+    out, q, k = 2, 3, 9
+    spec = MLPSpec((1, 8, out))
+    gen = torch.Generator().manual_seed(1)
+    base = spec.init(q, gen)
+    loc = get_readout(spec, base).reshape(q, -1)
+    cov = torch.randn(q, loc.shape[1], 4, generator=gen) * 0.5
+    prior = ReadoutGaussian(loc, cov, torch.rand(q, loc.shape[1], generator=gen) * 0.3 + 0.01)
+    x, y = torch.rand(q, k, 1, generator=gen) * 4 - 2, torch.randn(q, k, out, generator=gen)
+    cv = cross_validate(spec, base, prior, x, y, "mse", strengths=(1.0,), folds=3)
+    noise = (cv.unit / 2).double()
+    phi = cv.phi.double()
+    design_ = torch.einsum("qkh,cd->qkchd", phi, torch.eye(out, dtype=torch.float64)).reshape(q, k * out, -1)
+    sigma = cov.double() @ cov.double().transpose(1, 2) + torch.diag_embed(prior.diag.double())
+
+    def solve(keep: Tensor) -> Tensor:
+        rows = keep.repeat_interleave(out)
+        d, r = design_[:, rows], y.double().reshape(q, -1)[:, rows] - (design_[:, rows] @ loc.double()[..., None])[..., 0]
+        a = torch.linalg.inv(sigma) + d.transpose(1, 2) @ d / noise[:, None, None]
+        return loc.double() + torch.linalg.solve(a, (d.transpose(1, 2) @ r[..., None])[..., 0] / noise[:, None])
+
+    torch.testing.assert_close(_gaussian_map(cv.phi, prior, y, cv.unit / 2).double(), solve(torch.ones(k, dtype=torch.bool)),
+                               atol=1e-5, rtol=1e-4)
+    for f in range(3):
+        held = torch.arange(k) % 3 == f
+        pred = (design_ @ solve(~held)[..., None])[..., 0].reshape(q, k, out)[:, held]
+        torch.testing.assert_close(cv.held_out[0][:, held].double(), pred, atol=1e-5, rtol=1e-4)
+
+
+def test_a_device_with_non_finite_shots_keeps_its_initializer_and_spares_the_others():
+    spec, base, prior, x, y = _noisy_case()
+    ref = condition_readout(spec, base, prior, x, y, "mse", rule=Acceptance(0.0))
+    assert (ref[0] != base[0]).any()  # an update the device would take with finite shots
+    for bad_x in (True, False):
+        xx, yy = x.clone(), y.clone()
+        (xx if bad_x else yy)[0, 3] = float("nan")
+        got = condition_readout(spec, base, prior, xx, yy, "mse", rule=Acceptance(0.0))
+        assert torch.equal(got[0], base[0])
+        torch.testing.assert_close(got[1:], ref[1:])

@@ -335,6 +335,7 @@ def test_distillation_trains_every_weight_towards_the_predicted_function(fitted,
     fast, slow = model.personalize(tau), model.personalize(tau, distill=True)
     gap = lambda w: (sine.SPEC.forward(w, PROBE).flatten(1) - target).norm(dim=1)  # noqa: E731
     assert (gap(slow.mean) < 0.9 * gap(fast.mean)).all()
+    assert slow.distilled and not fast.distilled  # and the initializer says which path made it
     hidden = torch.ones(301, dtype=torch.bool)
     hidden[sine.SPEC.readout_index.flatten()] = False
     assert not torch.allclose(slow.mean[:, hidden], fast.mean[:, hidden])
@@ -343,7 +344,8 @@ def test_distillation_trains_every_weight_towards_the_predicted_function(fitted,
     assert torch.equal(again.mean[:, hidden], slow.mean[:, hidden])
     assert torch.allclose(again.readout.factor, slow.readout.factor, atol=1e-6)
     model.distill_steps_ = 0  # the zoo found no gain: the fast initializer, unchanged
-    assert torch.equal(model.personalize(tau, distill=True).mean, fast.mean)
+    unchanged = model.personalize(tau, distill=True)
+    assert torch.equal(unchanged.mean, fast.mean) and not unchanged.distilled
     fitted.save(tmp_path / "mm.safetensors")
     assert MetaModel.load(tmp_path / "mm.safetensors").distill_steps_ == fitted.distill_steps_
 

@@ -127,9 +127,17 @@ def test_initializer_round_trips_with_its_readout_prior_and_is_checked_on_the_de
         mean = torch.randn(2, SPEC.num_weights)
         readout = ReadoutGaussian(torch.zeros(2, 5), torch.ones(2, 5, 3), torch.full((2, 5), 0.1))
         uncertainty, novelty = torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.9])
+        distilled = True
 
     init = wire.parse_initializer(from_records(to_records(wire.initializer(Post, 1))), SPEC)
     assert torch.equal(init.weights, Post.mean[1]) and init.novelty == pytest.approx(0.9)
+    assert init.distilled  # the flag crosses the wire
+    older = wire.initializer(Post, 1)
+    del older.config[wire.DISTILLED]  # an older server sends no flag
+    assert not wire.parse_initializer(older, SPEC).distilled
+    older.config[wire.DISTILLED] = "yes"
+    with pytest.raises(MessageRejected, match="distilled must be true or false"):
+        wire.parse_initializer(older, SPEC)
     assert torch.equal(init.readout.loc[0], Post.mean[1][SPEC.readout_index.flatten()])
     assert init.readout.factor.shape == (1, 5, 3)
     with pytest.raises(MessageRejected, match="has shape"):

@@ -14,6 +14,7 @@ import torch
 from fedfuse import wire
 from fedfuse.architectures import MLPSpec
 from fedfuse.errors import MessageRejected
+from fedfuse.io import dump_tensors, parse_tensors
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import DeviceConfig, get_family, sine
 from fedfuse.zoo import ModelZoo
@@ -129,7 +130,11 @@ def test_warm_start_adapts_the_services_initializer_on_the_shots(family, device,
     served = wire.parse_initializer_file(body, family.arch)
     assert warm.source == "service" and warm.reason == "" and warm.version == VERSION
     assert torch.equal(warm.weights, adapt(family, served.initializer, device)[0])
-    assert warm.uncertainty == served.initializer.uncertainty
+    assert warm.uncertainty == served.initializer.uncertainty and not warm.distilled
+    tensors, meta = parse_tensors(body, "test")
+    distilled = dump_tensors(tensors, meta | {wire.DISTILLED: True})  # as the slower path's answer says
+    client, _ = _client(_ok(distilled))
+    assert warm_start(URL, family, device, client=client, **FAST).distilled
 
 
 def test_an_unreachable_service_falls_back_to_a_cold_start_and_says_so(family, device):

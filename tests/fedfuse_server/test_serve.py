@@ -211,10 +211,11 @@ def test_a_distilled_initializer_is_the_slower_path_of_the_stored_model(service,
             time.sleep(0.1)
             resp = _post(service.http, body, prefix)
         assert resp.status_code == 200 and service.http.get(f"{prefix}/v1/model").json()["distill_steps"] == 50
-        assert torch.equal(wire.parse_initializer_file(resp.content, sine.SPEC).initializer.weights, distilled)
+        served = wire.parse_initializer_file(resp.content, sine.SPEC).initializer
+        assert torch.equal(served.weights, distilled) and served.distilled  # the header says so
         fast = _post(service.http, {"client_id": "phone-1", "descriptor": TAU}, prefix)
-        assert torch.equal(wire.parse_initializer_file(fast.content, sine.SPEC).initializer.weights,
-                           model.personalize(TAU).mean[0])
+        served = wire.parse_initializer_file(fast.content, sine.SPEC).initializer
+        assert torch.equal(served.weights, model.personalize(TAU).mean[0]) and not served.distilled
 
 
 def test_a_replica_computes_at_most_max_distilling_distilled_initializers_at_once(tmp_path, models):
