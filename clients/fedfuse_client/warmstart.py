@@ -61,7 +61,27 @@ def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architec
     checks them. Connection failures, timeouts, 429, 5xx and corrupted bodies are retried
     ``retries`` times with exponential backoff (``backoff`` s, doubling, jittered); then
     :class:`ServiceUnavailable`. A 4xx is final (:class:`ServiceRefused`); so is an answer that
-    does not fit this device (:class:`~fedfuse.errors.MessageRejected`)."""
+    does not fit this device (:class:`~fedfuse.errors.MessageRejected`). A service older than the
+    distilled path refuses ``distill``; the device then takes the fast initializer
+    (``initializer.distilled`` says which it got)."""
+    options = dict(token=token, samples=samples, timeout=timeout, retries=retries, backoff=backoff, client=client)
+    try:
+        return _fetch(url, client_id, tau, spec, distill=distill, **options)
+    except ServiceRefused as exc:
+        if not distill or _PREDATES_DISTILL not in str(exc):
+            raise
+        log.warning("initializer service %s predates the distilled path; asking for the fast initializer", url)
+        return _fetch(url, client_id, tau, spec, distill=False, **options)
+
+
+# how a service from before the distilled path answers a request that carries the key
+_PREDATES_DISTILL = f"unexpected keys [{wire.DISTILL!r}]"
+
+
+def _fetch(url: str, client_id: str, tau: list[float], spec: Architecture, *, token: str | None, samples: int,
+           distill: bool, timeout: float, retries: int, backoff: float, client: httpx.Client | None
+           ) -> wire.ServedInitializer:
+    """:func:`fetch_initializer`'s one request, with its retries."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = wire.initializer_request(client_id, tau, samples, distill)
     limit = 4 * spec.num_weights * (samples + 2) + SLACK_BYTES

@@ -124,6 +124,20 @@ def test_a_body_from_another_model_than_its_header_is_refused(family, device, bo
         fetch_initializer(URL, device.client_id, device.tau, family.arch, client=client, **FAST)
 
 
+def test_a_service_from_before_the_distilled_path_gives_the_fast_initializer(family, device, body):
+    older = httpx.Response(400, json={"error": "unexpected keys ['distill']; a request carries only "
+                                               "['client_id', 'descriptor', 'samples']"})
+    client, seen = _client(older, _ok(body))
+    served = fetch_initializer(URL, device.client_id, device.tau, family.arch, distill=True, client=client, **FAST)
+    assert not served.initializer.distilled and len(seen) == 2
+    assert json.loads(seen[0].content)["distill"] is True and "distill" not in json.loads(seen[1].content)
+    other = httpx.Response(400, json={"error": "descriptor: amplitude 9 is outside the family's domain"})
+    client, seen = _client(other, _ok(body))
+    with pytest.raises(ServiceRefused, match="outside the family"):  # any other refusal stays final
+        fetch_initializer(URL, device.client_id, device.tau, family.arch, distill=True, client=client, **FAST)
+    assert len(seen) == 1
+
+
 def test_warm_start_adapts_the_services_initializer_on_the_shots(family, device, body):
     client, _ = _client(_ok(body))
     warm = warm_start(URL, family, device, client=client, **FAST)
