@@ -27,6 +27,8 @@ from fedfuse_client.local import adapt, cold_start
 log = logging.getLogger("fedfuse_client.warmstart")
 
 SLACK_BYTES = 16 * 2**20  # header and readout prior on top of the weights a response may hold
+# how a service from before the distilled path answers a request that carries the key
+_PREDATES_DISTILL = f"unexpected keys [{wire.DISTILL!r}]"
 
 
 class ServiceUnavailable(FedfuseFailure):
@@ -72,10 +74,6 @@ def fetch_initializer(url: str, client_id: str, tau: list[float], spec: Architec
             raise
         log.warning("initializer service %s predates the distilled path; asking for the fast initializer", url)
         return _fetch(url, client_id, tau, spec, distill=False, **options)
-
-
-# how a service from before the distilled path answers a request that carries the key
-_PREDATES_DISTILL = f"unexpected keys [{wire.DISTILL!r}]"
 
 
 def _fetch(url: str, client_id: str, tau: list[float], spec: Architecture, *, token: str | None, samples: int,
