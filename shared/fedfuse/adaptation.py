@@ -69,7 +69,7 @@ def _map_readout(phi: Tensor, prior: ReadoutGaussian, y: Tensor, weight: Tensor,
                  scale: Tensor, max_iter: int) -> Tensor:
     """MAP readouts ``(q, p)`` for classes under the Gaussian prior given the shots weighted by
     ``weight`` ``(q, k)``; ``scale`` ``(q,)`` divides the data term (a temperature). L-BFGS in
-    the prior's whitened coordinates (squared error has the exact :func:`_gaussian_map`)."""
+    the prior's whitened coordinates (squared error has the exact :func:`_posterior_readout`)."""
     q, p = prior.loc.shape
     h1 = phi.shape[-1]
     loc, factor, diag = prior.loc.float(), prior.factor.float(), prior.diag.float()
@@ -115,12 +115,10 @@ def _gaussian_solve(cov: Tensor, residual: Tensor, noise: Tensor) -> tuple[Tenso
     return inv, (inv @ residual.nan_to_num()[..., None])[..., 0]
 
 
-def _gaussian_map(phi: Tensor, prior: ReadoutGaussian, y: Tensor, noise: Tensor) -> Tensor:
-    """The exact MAP readouts ``(q, p)`` under the Gaussian prior given the shots ``y``
-    ``(q, k, out)`` with Gaussian noise of variance ``noise`` ``(q,)``: ``loc + S Phi^T A^-1 r``."""
-    q, k, h1 = phi.shape
-    residual = (y.double() - phi.double() @ prior.loc.double().reshape(q, h1, -1)).reshape(q, -1)
-    _, alpha = _gaussian_solve(_shot_covariance(phi, prior), residual, noise)
+def _posterior_readout(phi: Tensor, prior: ReadoutGaussian, alpha: Tensor) -> Tensor:
+    """The exact MAP readouts ``(q, p)`` under the Gaussian prior, ``loc + S Phi^T alpha``, from
+    :func:`_gaussian_solve`'s ``alpha = A^-1 r`` ``(q, k * out)`` for the shots' residuals."""
+    q, k, _ = phi.shape
     v = torch.einsum("qkh,qkc->qhc", phi.double(), alpha.reshape(q, k, -1)).reshape(q, -1)
     factor = prior.factor.double()
     return (prior.loc.double() + (factor @ (factor.transpose(1, 2) @ v[..., None]))[..., 0]
@@ -142,6 +140,7 @@ class CrossValidation:
     unit: Tensor  # (q,): the data term's scale at strength 1 (for mse twice the noise variance)
     zero: Tensor  # (q, k, out): the initializer's predictions of the shots
     held_out: Tensor  # (S, q, k, out): each shot predicted by the MAP readout solved without its fold
+    alpha: Tensor | None  # (S, q, k * out): A^-1 r with every shot, per strength (squared error)
     max_iter: int
 
     def conditioned(self, rule: Acceptance) -> Tensor:
@@ -166,8 +165,8 @@ class CrossValidation:
             rows = torch.nonzero(accept & (pick == s_idx)).flatten()
             if len(rows):
                 sub = ReadoutGaussian(self.prior.loc[rows], self.prior.factor[rows], self.prior.diag[rows])
-                if self.loss == "mse":
-                    full = _gaussian_map(self.phi[rows], sub, self.y[rows], c * self.unit[rows] / 2)
+                if self.alpha is not None:  # the update's solve is the cross-validation's
+                    full = _posterior_readout(self.phi[rows], sub, self.alpha[s_idx, rows])
                 else:
                     full = _map_readout(self.phi[rows], sub, self.y[rows], torch.ones(len(rows), k), self.loss,
                                         c * self.unit[rows], self.max_iter)
@@ -193,7 +192,7 @@ def cross_validate(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: 
         zero = phi @ prior.loc.float().reshape(q, h1, out)
     f = k if folds is None else min(folds, k)
     held = torch.arange(k)[None, :] % f == torch.arange(f)[:, None]  # (f, k): every shot held out once
-    held_out = []
+    held_out, alphas = [], []
     if loss == "mse":
         cov = _shot_covariance(phi, prior)
         unit = 2 * torch.diagonal(cov, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
@@ -205,6 +204,7 @@ def cross_validate(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: 
                 idx = part.repeat_interleave(out).nonzero().flatten()
                 pred[:, idx] = residual[:, idx] - torch.linalg.solve(inv[:, idx][:, :, idx], alpha[:, idx])
             held_out.append((pred.reshape(q, k, out) + zero.double()).float())
+            alphas.append(alpha)
         unit = unit.float()
     else:
         unit = torch.ones(q)
@@ -216,7 +216,7 @@ def cross_validate(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: 
                 pred, mask = rep(phi) @ cv.reshape(q * f, h1, out), held.repeat(q, 1)
                 held_out.append((pred * mask[..., None]).reshape(q, f, k, out).sum(1))
     return CrossValidation(spec, mean, prior, phi, y, loss, tuple(strengths), unit, zero, torch.stack(held_out),
-                           max_iter)
+                           torch.stack(alphas) if alphas else None, max_iter)
 
 
 def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: Tensor, y: Tensor,
@@ -232,8 +232,8 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     ``c`` by cross-validation on its shots (:func:`cross_validate`), and keeps its initializer
     unless the update's held-out error (squared error; misclassification for classes) beats the
     initializer's by the ``rule``'s margin (default: :data:`RULES` of the loss): an update is
-    never taken on faith. The problem is convex in the
-    readout (least squares or cross-entropy plus a Gaussian penalty).
+    never taken on faith. The problem is convex in the readout (least squares or cross-entropy
+    plus a Gaussian penalty).
     """
     if x.shape[-2] < 2:  # nothing to validate an update with
         return mean.clone()
