@@ -12,8 +12,8 @@ per seed, on the same test tasks and shots as the bench:
 * **acceptance**: the device keeps an update only when its held-out shots beat the initializer by
   ``t`` standard errors, takes a share (``shrink``) of it, and considers the cross-validation's best
   strength only or any strength that clears the margin, judged by 5-fold or leave-one-out
-  cross-validation (``fedfuse.adaptation.Acceptance``; the
-  device's default is ``fedfuse.adaptation.RULES``). Every rule of the grid is scored on the test
+  cross-validation (``fedfuse.adaptation.Acceptance``; the device's default is
+  ``fedfuse.adaptation.RULES``). Every rule of the grid is scored on the test
   tasks and on *pseudo-devices* the server can build from the zoo alone: each upload's function
   and readout prior predicted from the others (leave-one-out; the hidden layer is the decoded one
   at its descriptor, as a new device gets), ``k`` of its probe outputs as shots, scored against
