@@ -10,14 +10,14 @@ per seed, on the same test tasks and shots as the bench:
   the test tasks); and the floor of the readout: the least-squares readout on the initializer's
   hidden layer fitted to each test function on the evaluation grid.
 * **acceptance**: the device keeps an update only when its held-out shots beat the initializer by
-  ``t`` standard errors, takes a share (``shrink``) of it, and considers the cross-validation's best
-  strength only or any strength that clears the margin, judged by 5-fold or leave-one-out
-  cross-validation (``fedfuse.adaptation.Acceptance``; the device's default is
-  ``fedfuse.adaptation.RULES``). Every rule of the grid is scored on the test
-  tasks and on *pseudo-devices* the server can build from the zoo alone: each upload's function
-  and readout prior predicted from the others (leave-one-out; the hidden layer is the decoded one
-  at its descriptor, as a new device gets), ``k`` of its probe outputs as shots, scored against
-  the upload on the other probe inputs. The zoo's choice: the rule with the lowest mean
+  ``t`` standard errors (Student's margin for its shot count), takes a share (``shrink``) of it,
+  and considers the cross-validation's best strength only or any strength that clears the
+  margin, judged by 5-fold or leave-one-out cross-validation (``fedfuse.adaptation.Acceptance``;
+  the device's default is ``fedfuse.adaptation.RULES`` of the path). Every rule of the grid is
+  scored on the test tasks and on *pseudo-devices* the server can build from the zoo alone:
+  each upload's function and readout prior predicted from the others (leave-one-out; the hidden
+  layer is the decoded one at its descriptor, as a new device gets), ``k`` of its probe outputs
+  as shots, scored against the upload on the other probe inputs. The zoo's choice: the rule with the lowest mean
   pseudo-device error among those leaving at most 5 % of pseudo-devices worse than their
   initializer at every shot count on every seed.
 * **covariance**: the readout prior's residual covariance, shared by all tasks (the product) or
@@ -250,7 +250,7 @@ def main() -> None:
         lines.append(f"| {what} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     lines += ["", "0-shot nRMSE and the least-squares readout's floor, per seed: " + ", ".join(
         f"seed {s}: {e['0-shot nRMSE']:.4f} / {e['readout floor nRMSE']:.4f}" for s, e in report["edges"].items())]
-    device = rule_name(RULES["mse"])
+    device = rule_name(RULES["mse", args.distill])
     lines += ["", "## Acceptance rules (seed means): zoo pseudo-devices and test tasks", "",
               f"The zoo's choice: **{report['zoo_choice']}**; the device's default "
               f"(`RULES`): {device}. Zoo max worse: the largest share of pseudo-devices left worse "

@@ -20,13 +20,13 @@ def device_seed(data: LocalData) -> int:
 
 def adapt(family: TaskFamily, init: wire.Initializer, data: LocalData) -> torch.Tensor:
     """The initializer adapted to the local shots: its readout conditioned on them under the
-    prior the server sent (the device's own cross-validation decides how far); unchanged with
-    fewer than two shots or without a prior."""
+    prior the server sent (the device's own cross-validation decides how far, by the rule of the
+    path that made the initializer); unchanged with fewer than two shots or without a prior."""
     weights = init.weights[None]
     if init.readout is None or len(data.y) < 2:
         return weights
     return condition_readout(family.arch, weights, init.readout, data.x[None], data.y[None],
-                             family.loss)
+                             family.loss, distilled=init.distilled)
 
 
 def cold_start(family: TaskFamily, data: LocalData, steps: int = 0, lr: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

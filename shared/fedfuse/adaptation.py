@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.special import ndtr, stdtrit
 from torch import Tensor
 
 from fedfuse.architectures import Architecture
@@ -26,9 +27,13 @@ class Acceptance:
     """When a device takes an update of its readout, and how much of it.
 
     ``threshold``: by how many standard errors the update must beat the initializer on held-out
-    shots. ``shrink``: the share of the update taken (and judged), between the initializer and
-    the MAP readout: for squared error a shorter step is worse than the initializer on a subset
-    of the tasks the full step harms. ``any_strength``: take the best strength whose update
+    shots, read as a one-sided test at the normal level ``Phi(threshold)``: the standard error
+    comes from the device's own ``k`` shots, so a positive margin is Student's ``t`` quantile at
+    that level with ``k - 1`` degrees of freedom (two standard errors at 10 shots: 2.32; at 3
+    shots: 4.53, where a normal margin takes a lucky pair of held-out shots on faith).
+    ``shrink``: the share of the update taken (and judged), between the initializer and the MAP
+    readout: for squared error a shorter step is worse than the initializer on a subset of the
+    tasks the full step harms. ``any_strength``: take the best strength whose update
     clears the margin, not only the cross-validation's best (a weaker pull can be significant
     where a stronger one is not). ``folds``: how the device's shots are split to judge updates.
     """
@@ -38,14 +43,26 @@ class Acceptance:
     any_strength: bool = False
     folds: int | None = 5  # the cross-validation's parts; None: every shot held out alone
 
+    def margin(self, k: int) -> float:
+        """The margin in standard errors for ``k`` held-out shots (Student's ``t``, ``k - 1``
+        degrees of freedom, at the level a normal ``threshold`` has); a margin of 0 or below
+        is taken as it is."""
+        if self.threshold <= 0:
+            return self.threshold
+        return float(stdtrit(k - 1, ndtr(self.threshold)))
 
-# the device's rule per loss. "mse": of 64 rules (margin 0-3, shrink 1-0.35, either selection, 5-fold
-# or leave-one-out), the one with the lowest mean error on the zoo's own pseudo-devices among those
-# leaving at most 5 % of them worse than their initializer at every shot count of 10-40, on each of the
-# three sine bench zoos, for the fast and the distilled initializers alike (benchmarks/adaptation.py,
-# 2026-11-28: it sits at 5.0 % on one zoo; every rule that gains more harms more on one of the paths);
-# "ce": one standard error (MNIST: 2-6 % of tasks worse at 10 shots)
-RULES = {"mse": Acceptance(2.0), "ce": Acceptance(1.0)}
+
+# the device's rule per loss and initializer (fast, or distilled: the initializer says which).
+# "mse": of 64 rules (margin 0-3, shrink 1-0.35, either selection, 5-fold or leave-one-out), the one
+# with the lowest mean error on the zoo's own pseudo-devices among those leaving at most 5 % of them
+# worse than their initializer at every shot count of 10-40, on each of the three sine bench zoos,
+# chosen per path with Student's margins (benchmarks/adaptation.py [--distill], 2026-11-28): two
+# standard errors, the full update, the best strength that clears the margin, judged by leave-one-out
+# for the fast path and 5-fold for the distilled one (each at 5.0 % at its worst). "ce": one
+# standard error (MNIST: 2-6 % of tasks worse at 10 shots)
+RULES = {("mse", False): Acceptance(2.0, any_strength=True, folds=None),
+         ("mse", True): Acceptance(2.0, any_strength=True),
+         ("ce", False): Acceptance(1.0), ("ce", True): Acceptance(1.0)}
 
 
 def _shot_loss(pred: Tensor, y: Tensor, loss: str) -> Tensor:
@@ -152,7 +169,7 @@ class CrossValidation:
         errors = _shot_error(shrunk.flatten(0, 1), ys, self.loss)
         losses, errors = losses.reshape(-1, q, k).sum(-1), errors.reshape(-1, q, k)
         gain = errors - _shot_error(self.zero, self.y, self.loss)  # (S, q, k) against the initializer's
-        clears = gain.mean(-1) + rule.threshold * gain.std(-1) / k**0.5 < 0  # (S, q)
+        clears = gain.mean(-1) + rule.margin(k) * gain.std(-1) / k**0.5 < 0  # (S, q)
         if rule.any_strength:
             pick = losses.masked_fill(~clears, float("inf")).argmin(0)
             accept = clears.any(0)
@@ -221,7 +238,7 @@ def cross_validate(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: 
 
 def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, x: Tensor, y: Tensor,
                       loss: str = "mse", strengths: tuple[float, ...] | None = None,
-                      max_iter: int = 100, rule: Acceptance | None = None) -> Tensor:
+                      max_iter: int = 100, rule: Acceptance | None = None, distilled: bool = False) -> Tensor:
     """The MAP readout of each network given its shots under the posterior's Gaussian readout
     prior, hidden layers unchanged: ``(q, d)`` weights.
 
@@ -231,11 +248,11 @@ def condition_readout(spec: Architecture, mean: Tensor, prior: ReadoutGaussian, 
     predictive variance at them; for cross-entropy a temperature). Each device picks its own
     ``c`` by cross-validation on its shots (:func:`cross_validate`), and keeps its initializer
     unless the update's held-out error (squared error; misclassification for classes) beats the
-    initializer's by the ``rule``'s margin (default: :data:`RULES` of the loss): an update is
-    never taken on faith. The problem is convex in the readout (least squares or cross-entropy
-    plus a Gaussian penalty).
+    initializer's by the ``rule``'s margin (default: :data:`RULES` of the loss and of the path
+    that made the initializer, ``distilled``): an update is never taken on faith. The problem is
+    convex in the readout (least squares or cross-entropy plus a Gaussian penalty).
     """
     if x.shape[-2] < 2:  # nothing to validate an update with
         return mean.clone()
-    rule = RULES[loss] if rule is None else rule
+    rule = RULES[loss, distilled] if rule is None else rule
     return cross_validate(spec, mean, prior, x, y, loss, strengths, rule.folds, max_iter).conditioned(rule)

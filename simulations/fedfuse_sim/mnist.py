@@ -217,7 +217,7 @@ def conditioned(post: WeightPosterior, idx: list[int], xs: Tensor, ys: Tensor) -
     """Ours with shots, for the test tasks ``idx`` of one K: the readout conditioned on them."""
     r = post.readout
     prior = ReadoutGaussian(r.loc[idx], r.factor[idx], r.diag[idx])
-    return condition_readout(mnist.SPEC, post.mean[idx], prior, xs, ys, "ce")
+    return condition_readout(mnist.SPEC, post.mean[idx], prior, xs, ys, "ce", distilled=post.distilled)
 
 
 def reconstruction(model: MetaModel, weights: Tensor, train: list[mnist.DigitTask], x_test: Tensor,

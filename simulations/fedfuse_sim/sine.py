@@ -139,8 +139,10 @@ def evaluate(tuners: dict[str, Tuner], test: sine.SineTasks, cfg: SineConfig, se
 
 def bayes_tuner(post: WeightPosterior) -> Callable[[Tensor, Tensor], Tensor]:
     """Ours with shots: condition the readout on them under the posterior (a device's own
-    cross-validation picks how far); 0 or 1 shot keeps the initializer."""
-    return lambda x, y: condition_readout(sine.SPEC, post.mean, post.readout, x, y, "mse")
+    cross-validation picks how far, by the rule of the path that made ``post``); 0 or 1 shot
+    keeps the initializer."""
+    return lambda x, y: condition_readout(sine.SPEC, post.mean, post.readout, x, y, "mse",
+                                          distilled=post.distilled)
 
 
 def posterior_stats(post: WeightPosterior, test: sine.SineTasks, samples: int, seed: int) -> dict[str, Any]:

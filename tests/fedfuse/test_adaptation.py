@@ -1,8 +1,9 @@
 import torch
+from scipy import stats
 from torch import Tensor
 
-from fedfuse.adaptation import (RULES, Acceptance, _gaussian_solve, _map_readout, _posterior_readout, _shot_covariance,
-                                condition_readout, cross_validate)
+from fedfuse.adaptation import (RULES, Acceptance, CrossValidation, _gaussian_solve, _map_readout, _posterior_readout,
+                                _shot_covariance, condition_readout, cross_validate)
 from fedfuse.architectures import MLPSpec
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.readout import get_readout, set_readout
@@ -78,9 +79,42 @@ def test_a_stricter_threshold_only_keeps_more_initializers():
     assert (taken[2.0] <= taken[0.0]).all()
     loose, strict = (condition_readout(spec, base, prior, x, y, "mse", rule=rule(t)) for t in (0.0, 2.0))
     assert torch.allclose(strict[taken[2.0]], loose[taken[2.0]], atol=1e-5)  # the same exact solve, batched differently
-    # without a rule, the loss's default
-    default = condition_readout(spec, base, prior, x, y, "mse")
-    assert torch.equal(default, condition_readout(spec, base, prior, x, y, "mse", rule=RULES["mse"]))
+    # without a rule, the default of the loss and of the path that made the initializer
+    for distilled in (False, True):
+        default = condition_readout(spec, base, prior, x, y, "mse", distilled=distilled)
+        assert torch.equal(default, condition_readout(spec, base, prior, x, y, "mse", rule=RULES["mse", distilled]))
+
+
+def test_the_margin_is_students_t_at_the_normal_level():
+    for t in (1.0, 2.0, 3.0):
+        for k in (2, 3, 10, 40):
+            assert abs(Acceptance(t).margin(k) - stats.t.ppf(stats.norm.cdf(t), k - 1)) < 1e-9
+        assert abs(Acceptance(t).margin(10**6) - t) < 1e-4  # many shots: the normal margin
+    assert Acceptance(0.0).margin(3) == 0.0 and Acceptance(-1e9).margin(3) == -1e9
+
+
+def _judged(gains: list[float]) -> CrossValidation:
+    """One device whose held-out shots gain exactly ``gains`` in squared error over its
+    initializer (which errs by 1 on every shot), under one strength."""
+    spec = MLPSpec((1, 4, 1))
+    mean = spec.init(1, torch.Generator().manual_seed(0))
+    k = len(gains)
+    loc = get_readout(spec, mean).reshape(1, -1)
+    prior = ReadoutGaussian(loc, torch.zeros(1, loc.shape[1], 1), torch.ones_like(loc))
+    held = (1.0 + torch.tensor(gains)).sqrt()[None, None, :, None]
+    return CrossValidation(spec, mean, prior, torch.ones(1, k, loc.shape[1]), torch.zeros(1, k, 1), "mse", (1.0,),
+                           torch.ones(1), torch.ones(1, k, 1), held, torch.ones(1, 1, k, dtype=torch.float64), 100)
+
+
+def test_few_held_out_shots_need_a_larger_margin():
+    """Three held-out shots gaining 2.6 standard errors clear one standard error but not two
+    (Student's 4.53 at 3 shots, where a normal margin of 2 would take them); the same gains
+    over twelve shots clear two."""
+    few = _judged([-1.0, -0.2, -0.6])
+    assert torch.equal(few.conditioned(Acceptance(2.0)), few.mean)
+    assert not torch.equal(few.conditioned(Acceptance(1.0)), few.mean)
+    many = _judged([-1.0, -0.2, -0.6] * 4)
+    assert not torch.equal(many.conditioned(Acceptance(2.0)), many.mean)
 
 
 def _noisy_case():

@@ -1,0 +1,42 @@
+import dataclasses
+
+import torch
+
+from fedfuse import wire
+from fedfuse.adaptation import RULES, condition_readout
+from fedfuse.posterior import ReadoutGaussian
+from fedfuse.readout import get_readout, set_readout
+from fedfuse.tasks import LocalData, get_family
+from fedfuse_client.local import adapt
+
+
+def _devices(n: int = 12):
+    """Sine devices whose readout prior contains their truth's deviation, with noisy shots: the
+    fast and the distilled rules decide some of them differently."""
+    family = get_family("sine")
+    spec = family.arch
+    gen = torch.Generator().manual_seed(0)
+    base = spec.init(n, gen)
+    loc = get_readout(spec, base).reshape(n, -1)
+    direction = torch.randn(n, loc.shape[1], 1, generator=gen)
+    truth = set_readout(spec, base, (loc + 0.5 * direction[..., 0]).reshape(n, -1, 1))
+    x = torch.rand(n, 12, 1, generator=gen) * 10 - 5
+    y = spec.forward(truth, x) + 0.5 * torch.randn(n, 12, 1, generator=gen)
+    priors = [ReadoutGaussian(loc[i : i + 1], direction[i : i + 1], torch.full_like(loc[i : i + 1], 1e-4)) for i in range(n)]
+    inits = [wire.Initializer(base[i], priors[i], 0.0, 0.0) for i in range(n)]
+    data = [LocalData(f"new-{i}", "new", [1.0, 0.0], x[i], y[i], x[i], y[i]) for i in range(n)]
+    return family, inits, data
+
+
+def test_a_device_adapts_by_the_rule_of_the_path_that_made_its_initializer():
+    family, inits, data = _devices()
+    differ = 0
+    for init, d in zip(inits, data):
+        for distilled in (False, True):
+            mine = dataclasses.replace(init, distilled=distilled)
+            expected = condition_readout(family.arch, init.weights[None], init.readout, d.x[None], d.y[None], "mse",
+                                         rule=RULES["mse", distilled])
+            assert torch.equal(adapt(family, mine, d), expected)
+        fast, slow = (adapt(family, dataclasses.replace(init, distilled=f), d) for f in (False, True))
+        differ += not torch.equal(fast, slow)
+    assert differ  # the two paths' rules are not the same rule here
