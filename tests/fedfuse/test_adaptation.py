@@ -90,6 +90,8 @@ def test_the_margin_is_students_t_at_the_normal_level():
         for k in (2, 3, 10, 40):
             assert abs(Acceptance(t).margin(k) - stats.t.ppf(stats.norm.cdf(t), k - 1)) < 1e-9
         assert abs(Acceptance(t).margin(10**6) - t) < 1e-4  # many shots: the normal margin
+    assert abs(Acceptance(8.0).margin(5) - stats.t.isf(stats.norm.sf(8.0), 4)) < 1e-6 * 8333  # no rounding of the tail
+    assert Acceptance(50.0).margin(5) == float("inf")
     assert Acceptance(0.0).margin(3) == 0.0 and Acceptance(-1e9).margin(3) == -1e9
 
 

@@ -6,11 +6,11 @@ from fedfuse import wire
 from fedfuse.adaptation import RULES, condition_readout
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.readout import get_readout, set_readout
-from fedfuse.tasks import LocalData, get_family
+from fedfuse.tasks import LocalData, TaskFamily, get_family
 from fedfuse_client.local import adapt
 
 
-def _devices(n: int = 12):
+def _devices(n: int = 12) -> tuple[TaskFamily, list[wire.Initializer], list[LocalData]]:
     """Sine devices whose readout prior contains their truth's deviation, with noisy shots: the
     fast and the distilled rules decide some of them differently."""
     family = get_family("sine")
@@ -22,7 +22,8 @@ def _devices(n: int = 12):
     truth = set_readout(spec, base, (loc + 0.5 * direction[..., 0]).reshape(n, -1, 1))
     x = torch.rand(n, 12, 1, generator=gen) * 10 - 5
     y = spec.forward(truth, x) + 0.5 * torch.randn(n, 12, 1, generator=gen)
-    priors = [ReadoutGaussian(loc[i : i + 1], direction[i : i + 1], torch.full_like(loc[i : i + 1], 1e-4)) for i in range(n)]
+    diag = torch.full_like(loc, 1e-4)
+    priors = [ReadoutGaussian(loc[i : i + 1], direction[i : i + 1], diag[i : i + 1]) for i in range(n)]
     inits = [wire.Initializer(base[i], priors[i], 0.0, 0.0) for i in range(n)]
     data = [LocalData(f"new-{i}", "new", [1.0, 0.0], x[i], y[i], x[i], y[i]) for i in range(n)]
     return family, inits, data
