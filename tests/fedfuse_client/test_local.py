@@ -33,11 +33,10 @@ def test_a_device_adapts_by_the_rule_of_the_path_that_made_its_initializer():
     family, inits, data = _devices()
     differ = 0
     for init, d in zip(inits, data):
-        for distilled in (False, True):
-            mine = dataclasses.replace(init, distilled=distilled)
+        adapted = [adapt(family, dataclasses.replace(init, distilled=distilled), d) for distilled in (False, True)]
+        for distilled, mine in zip((False, True), adapted):
             expected = condition_readout(family.arch, init.weights[None], init.readout, d.x[None], d.y[None], "mse",
                                          rule=RULES["mse", distilled])
-            assert torch.equal(adapt(family, mine, d), expected)
-        fast, slow = (adapt(family, dataclasses.replace(init, distilled=f), d) for f in (False, True))
-        differ += not torch.equal(fast, slow)
+            assert torch.equal(mine, expected)
+        differ += not torch.equal(*adapted)
     assert differ  # the two paths' rules are not the same rule here
