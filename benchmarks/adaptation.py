@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch import Tensor
 from fedfuse.adaptation import RULES, Acceptance, cross_validate
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.meta_model import MetaModel
-from fedfuse.posterior import WeightPosterior
+from fedfuse.posterior import ReadoutGaussian, WeightPosterior
 from fedfuse.readout import design, solve_readout
 from fedfuse.tasks import sine
 from fedfuse_sim.sine import shot_inputs, unseen_tasks
@@ -99,41 +100,66 @@ def rule_name(rule: Acceptance) -> str:
             + (", leave-one-out" if rule.folds is None else f", {rule.folds}-fold"))
 
 
+@dataclass
+class PseudoDevices:
+    """The zoo's uploads as new devices the server can build alone: each upload's function and
+    readout prior predicted from the others (leave-one-out; the hidden layer is the decoded one
+    at its descriptor, as a new device gets, distilled as ``personalize(distill=True)`` distills),
+    ``k`` of its probe outputs as shots, scored against the upload on the other probe inputs."""
+
+    model: MetaModel
+    initializer: Tensor  # (n, d)
+    prior: ReadoutGaussian
+    uploads: Tensor  # (n, m, out): each upload's function on the probe
+
+    @classmethod
+    def of(cls, model: MetaModel, tau: Tensor, distill: bool = False) -> "PseudoDevices":
+        """The pseudo-devices of a fitted zoo with descriptors ``tau`` ``(n, D)``."""
+        fn = model.function_
+        n = fn.y_.shape[0]
+        uploads = (fn.y_ + fn.mu_).float().reshape(n, -1, model.spec_.num_outputs)
+        loo, base = fn.loo_predictions(torch.arange(n)), model.decode(tau)
+        if distill:
+            base = model._distilled(model._solved_readout(base, loo.mean)[0], loo.mean)
+        return cls(model, *model._readout_prior(base, loo), uploads)
+
+    def shots(self, k: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``k`` probe inputs per device ``(n, k, in)``, the upload's outputs there, and the
+        probe inputs ``(n, m)`` each is scored on (the others)."""
+        n, m, _ = self.uploads.shape
+        gen = torch.Generator().manual_seed(seed * 1000 + k)
+        pick = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)])
+        held = torch.ones(n, m).scatter_(1, pick, 0.0)
+        return self.model.probe_[pick], self.uploads[torch.arange(n)[:, None], pick], held
+
+    def error(self, w: Tensor, held: Tensor) -> Tensor:
+        """Each device's RMS error ``(n,)`` against its upload on the probe inputs ``held`` marks,
+        over the upload's range."""
+        with torch.no_grad():
+            sq = (self.model.spec_.forward(w, self.model.probe_) - self.uploads).pow(2).sum(-1)
+        spread = self.uploads.amax((1, 2)) - self.uploads.amin((1, 2))
+        return ((sq * held).sum(1) / held.sum(1)).sqrt() / spread
+
+
 def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int,
                distill: bool = False) -> list[dict[str, Any]]:
     """Mean error and share of devices made worse for each rule, on pseudo-devices and tests;
     with ``distill`` the pseudo-devices' hidden layers are distilled as ``personalize(distill=True)``
     does (``post`` is then the distilled posterior)."""
-    spec, fn, probe = sine.SPEC, model.function_, model.probe_
-    n, m = fn.y_.shape
-    uploads = (fn.y_ + fn.mu_).float()
-    loo, base = fn.loo_predictions(torch.arange(n)), model.decode(zoo_descriptors(fn))
-    if distill:
-        base = model._distilled(model._solved_readout(base, loo.mean)[0], loo.mean)
-    w_zoo, prior_zoo = model._readout_prior(base, loo)
-    spread = uploads.max(1).values - uploads.min(1).values
-
-    def zoo_error(w: Tensor, held: Tensor) -> Tensor:
-        """Error against the upload on the probe inputs ``held`` ``(n, m)`` marks."""
-        with torch.no_grad():
-            sq = (spec.forward(w, probe)[..., 0] - uploads).pow(2)
-        return ((sq * held).sum(1) / held.sum(1)).sqrt() / spread
-
+    spec = sine.SPEC
+    zoo = PseudoDevices.of(model, zoo_descriptors(model.function_), distill)
     test0 = sine.nrmse(spec, post.mean, test)
     rows = []
     for k in SHOTS:
-        gen = torch.Generator().manual_seed(seed * 1000 + k)
-        pick = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)])
-        held = torch.ones(n, m).scatter_(1, pick, 0.0)  # scored where the shots are not
-        xs, ys = probe[pick], torch.gather(uploads, 1, pick)[..., None]
-        zoo0 = zoo_error(w_zoo, held)
+        xs, ys, held = zoo.shots(k, seed)
+        zoo0 = zoo.error(zoo.initializer, held)
         x = shot_inputs(len(test), k, seed)
-        cvs = {folds: (cross_validate(spec, w_zoo, prior_zoo, xs, ys, folds=folds),
+        cvs = {folds: (cross_validate(spec, zoo.initializer, zoo.prior, xs, ys, folds=folds),
                        cross_validate(spec, post.mean, post.readout, x, test(x), folds=folds))
                for folds in dict.fromkeys(rule.folds for rule in GRID)}
         for rule in GRID:
             cv_zoo, cv_test = cvs[rule.folds]
-            ez, et = zoo_error(cv_zoo.conditioned(rule), held), sine.nrmse(spec, cv_test.conditioned(rule), test)
+            ez, et = zoo.error(cv_zoo.conditioned(rule), held), sine.nrmse(spec, cv_test.conditioned(rule), test)
             rows.append({"seed": seed, "shots": k, "rule": rule_name(rule),
                          "zoo_ratio": float(ez.mean() / zoo0.mean()), "zoo_worse": float((ez > zoo0).float().mean()),
                          "test_nrmse": float(et.mean()), "test_worse": float((et > test0).float().mean())})
@@ -190,14 +216,14 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     return {"choice": choice, "rows": rows}
 
 
-def _rule_table(rows: list[dict[str, Any]]) -> list[str]:
+def _rule_table(rows: list[dict[str, Any]], score: str = "test_nrmse") -> list[str]:
     """One line per acceptance rule: its worst zoo harm and its seed means per shot count."""
     out = []
     for name in dict.fromkeys(r["rule"] for r in rows):
         mine = [r for r in rows if r["rule"] == name]
         cell = lambda c: " / ".join(f"{sum(r[c] for r in mine if r['shots'] == k) / sum(r['shots'] == k for r in mine):.4f}"  # noqa: E731
                                     for k in SHOTS)
-        out.append(f"| {name} | {max(r['zoo_worse'] for r in mine):.3f} | {cell('zoo_ratio')} | {cell('test_nrmse')} | "
+        out.append(f"| {name} | {max(r['zoo_worse'] for r in mine):.3f} | {cell('zoo_ratio')} | {cell(score)} | "
                    f"{cell('test_worse')} |")
     return out
 

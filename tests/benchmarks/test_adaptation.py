@@ -16,7 +16,7 @@ from fedfuse.zoo import ModelZoo
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("adaptation_report", ROOT / "benchmarks" / "adaptation.py")
-report_module = importlib.util.module_from_spec(_spec)
+report_module = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(report_module)
 zoo_choice = report_module.zoo_choice
 
