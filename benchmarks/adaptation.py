@@ -12,7 +12,8 @@ per seed, on the same test tasks and shots as the bench:
 * **acceptance**: the device keeps an update only when its held-out shots beat the initializer by
   ``t`` standard errors (Student's margin for its shot count), takes a share (``shrink``) of it,
   and considers the cross-validation's best strength only or any strength that clears the
-  margin, judged by 5-fold or leave-one-out cross-validation (``fedfuse.adaptation.Acceptance``;
+  margin, judged by 5-fold or leave-one-out cross-validation on the held-out shots' squared or
+  absolute errors (224 rules, ``fedfuse.adaptation.Acceptance``;
   the device's default is ``fedfuse.adaptation.RULES`` of the path). Every rule of the grid is
   scored on the test tasks and on *pseudo-devices* the server can build from the zoo alone:
   each upload's function and readout prior predicted from the others (leave-one-out; the hidden
@@ -53,10 +54,10 @@ from fedfuse.tasks import sine
 from fedfuse_sim.sine import shot_inputs, unseen_tasks
 
 SHOTS = (10, 20, 30, 40)
-# the acceptance rules: margins in standard errors, shares of the update, either selection of strength,
-# 5-fold or leave-one-out
-GRID = tuple(Acceptance(t, a, any_s, folds) for folds in (5, None) for any_s in (False, True)
-             for t in (0.0, 1.0, 2.0, 3.0) for a in (1.0, 0.7, 0.5, 0.35))
+# the acceptance rules: margins in half standard errors, shares of the update, either selection of
+# strength, 5-fold or leave-one-out, held-out shots judged by squared or absolute error
+GRID = tuple(Acceptance(t, a, any_s, folds, absolute) for absolute in (False, True) for folds in (5, None)
+             for any_s in (False, True) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0) for a in (1.0, 0.7, 0.5, 0.35))
 HARM_BOUND = 0.05  # the share of pseudo-devices an update may leave worse than their initializer
 FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
 BINS = 8
@@ -97,7 +98,8 @@ def edges(model: MetaModel, test: sine.SineTasks, post: WeightPosterior) -> dict
 
 def rule_name(rule: Acceptance) -> str:
     return (f"t {rule.threshold:g}, shrink {rule.shrink:g}, " + ("any strength" if rule.any_strength else "best strength")
-            + (", leave-one-out" if rule.folds is None else f", {rule.folds}-fold"))
+            + (", leave-one-out" if rule.folds is None else f", {rule.folds}-fold")
+            + (", absolute error" if rule.absolute else ""))
 
 
 @dataclass

@@ -11,21 +11,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "rule_transfer.py"
-_spec = importlib.util.spec_from_file_location("adaptation_report", ROOT / "benchmarks" / "adaptation.py")
-adaptation = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(adaptation)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses and the script's imports look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+adaptation = _load("adaptation")
+rule_transfer = _load("rule_transfer")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_family(tmp_path):
+    sine = [{"rule": rule, "shots": k, "zoo_ratio": ratio, "zoo_worse": 0.01}
+            for rule, ratio in (("t 0, shrink 1, best strength, 5-fold", 0.5), ("t 3, shrink 1, best strength, 5-fold", 0.9))
+            for k in (10, 20, 30, 40)]
+    (tmp_path / "sine.json").write_text(json.dumps({"acceptance": sine}))
     res = subprocess.run([sys.executable, str(SCRIPT), "--family", "bump_family:BumpFamily", "--devices", "24",
-                          "--n-test", "6", "--seeds", "3", "--out", str(tmp_path)],
+                          "--n-test", "6", "--seeds", "3", "--out", str(tmp_path), "--sine", str(tmp_path / "sine.json")],
                          capture_output=True, text=True, timeout=580)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "rule_transfer.json").read_text())
     rows = report["rows"]
-    assert len(rows) == 4 * 64 and {r["seed"] for r in rows} == {3}
+    assert len(rows) == 4 * 224 and {r["seed"] for r in rows} == {3}
     assert all(0 <= r["zoo_worse"] <= 1 and 0 <= r["test_worse"] <= 1 and r["test_score"] > 0 for r in rows)
     for k in (10, 20, 30, 40):  # a stricter margin only turns updates down, so it harms no more devices
         for key in ("zoo_worse", "test_worse"):
@@ -33,11 +45,26 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
                      for t in range(4)]
             assert worse == sorted(worse, reverse=True)
     assert report["zoo_choice"] == {"3": adaptation.zoo_choice(rows)}
-    assert report["default"] == "t 2, shrink 1, any strength, leave-one-out"  # RULES["mse", False]
-    assert f"Default (`RULES`, chosen on the sine zoos): **{report['default']}**" in (tmp_path / "rule_transfer.md").read_text()
+    assert report["validated_choice"] == rule_transfer.validated_choice(sine, rows)
+    assert report["default"] == "t 2.5, shrink 1, any strength, 5-fold, absolute error"  # RULES["mse", False]
+    assert f"Default (`RULES`): **{report['default']}**" in (tmp_path / "rule_transfer.md").read_text()
 
 
 def test_the_rule_transfer_report_refuses_a_family_without_squared_error(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--family", "mnist", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "the grid is the squared-error device's" in res.stderr
+
+
+def test_the_validated_choice_is_the_sine_zoos_choice_among_the_rules_the_family_does_not_harm():
+    def sine(rule, ratio):
+        return [{"rule": rule, "shots": k, "zoo_ratio": ratio, "zoo_worse": 0.03} for k in (10, 20, 30, 40)]
+
+    def family(rule, worse_at_20):  # seed 0's new devices at 20 shots; every other share 2 %
+        return [{"rule": rule, "shots": k, "seed": s, "test_worse": worse_at_20 if (k, s) == (20, 0) else 0.02}
+                for k in (10, 20, 30, 40) for s in range(3)]
+
+    rows = sine("low", 0.5) + sine("high", 0.9)
+    assert rule_transfer.validated_choice(rows, family("low", 0.11) + family("high", 0.5)) == "low"  # 5.0 % pooled
+    assert rule_transfer.validated_choice(rows, family("low", 0.12) + family("high", 0.02)) == "high"  # 5.3 %
+    assert rule_transfer.validated_choice(rows, family("low", 0.12) + family("high", 0.12)) is None

@@ -119,6 +119,15 @@ def test_few_held_out_shots_need_a_larger_margin():
     assert not torch.equal(many.conditioned(Acceptance(2.0)), many.mean)
 
 
+def test_absolute_errors_see_an_update_that_one_large_squared_error_hides():
+    """Nine held-out shots improve and one gets worse. In squared error that one shot dominates
+    the spread, and the paired test keeps the initializer (0.5 standard errors); judged by
+    absolute error the same update clears one standard error (1.15 against Student's 1.05)."""
+    cv = _judged([-0.36] * 9 + [2.0])
+    assert torch.equal(cv.conditioned(Acceptance(1.0)), cv.mean)
+    assert not torch.equal(cv.conditioned(Acceptance(1.0, absolute=True)), cv.mean)
+
+
 def _noisy_case():
     spec, base, prior, truth, x, _ = _conditioning_case(k=10, seed=3)
     y = spec.forward(truth, x) + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
