@@ -30,7 +30,8 @@ per seed, on the same test tasks and shots as the bench:
 ``--distill``: all of it for the slower path, ``personalize(distill=True)``, the pseudo-devices'
 hidden layers distilled towards their leave-one-out predicted functions as a new device's are.
 
-Writes adaptation.json and adaptation.md. Test tasks only score; nothing here is a setting.
+Writes adaptation.json and adaptation.md. Test tasks only score; the zoo's choice is an input to
+``RULES`` (with ``rule_transfer.py --sine``'s validation), nothing else here is a setting.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from fedfuse.adaptation import RULES, Acceptance, cross_validate
+from fedfuse.adaptation import RULES, Acceptance, CrossValidation, cross_validate
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import ReadoutGaussian, WeightPosterior
@@ -115,7 +116,7 @@ class PseudoDevices:
     uploads: Tensor  # (n, m, out): each upload's function on the probe
 
     @classmethod
-    def of(cls, model: MetaModel, tau: Tensor, distill: bool = False) -> "PseudoDevices":
+    def of(cls, model: MetaModel, tau: Tensor, distill: bool = False) -> PseudoDevices:
         """The pseudo-devices of a fitted zoo with descriptors ``tau`` ``(n, D)``."""
         fn = model.function_
         n = fn.y_.shape[0]
@@ -143,6 +144,29 @@ class PseudoDevices:
         return ((sq * held).sum(1) / held.sum(1)).sqrt() / spread
 
 
+def score_rules(zoo: PseudoDevices, k: int, seed: int, new: Callable[[int | None], CrossValidation],
+                score: Callable[[Tensor], Tensor], score0: Tensor, key: str, lower_is_better: bool = True
+                ) -> list[dict[str, Any]]:
+    """Every rule of :data:`GRID` at ``k`` shots, on the pseudo-devices and on new devices: the
+    zoo's error over its initializer's, the share of each made worse, and the new devices' mean
+    ``score`` (``key``) against their 0-shot ``score0``; ``new(folds)`` is the new devices'
+    cross-validation on their own shots."""
+    xs, ys, held = zoo.shots(k, seed)
+    zoo0 = zoo.error(zoo.initializer, held)
+    spec = zoo.model.spec_
+    cvs = {folds: (cross_validate(spec, zoo.initializer, zoo.prior, xs, ys, folds=folds), new(folds))
+           for folds in dict.fromkeys(rule.folds for rule in GRID)}
+    sign = 1.0 if lower_is_better else -1.0
+    rows = []
+    for rule in GRID:
+        cv_zoo, cv_new = cvs[rule.folds]
+        ez, et = zoo.error(cv_zoo.conditioned(rule), held), score(cv_new.conditioned(rule))
+        rows.append({"seed": seed, "shots": k, "rule": rule_name(rule),
+                     "zoo_ratio": float(ez.mean() / zoo0.mean()), "zoo_worse": float((ez > zoo0).float().mean()),
+                     key: float(et.mean()), "test_worse": float((sign * (et - score0) > 0).float().mean())})
+    return rows
+
+
 def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, seed: int,
                distill: bool = False) -> list[dict[str, Any]]:
     """Mean error and share of devices made worse for each rule, on pseudo-devices and tests;
@@ -150,21 +174,12 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     does (``post`` is then the distilled posterior)."""
     spec = sine.SPEC
     zoo = PseudoDevices.of(model, zoo_descriptors(model.function_), distill)
-    test0 = sine.nrmse(spec, post.mean, test)
+    nrmse = lambda w: sine.nrmse(spec, w, test)  # noqa: E731
     rows = []
     for k in SHOTS:
-        xs, ys, held = zoo.shots(k, seed)
-        zoo0 = zoo.error(zoo.initializer, held)
         x = shot_inputs(len(test), k, seed)
-        cvs = {folds: (cross_validate(spec, zoo.initializer, zoo.prior, xs, ys, folds=folds),
-                       cross_validate(spec, post.mean, post.readout, x, test(x), folds=folds))
-               for folds in dict.fromkeys(rule.folds for rule in GRID)}
-        for rule in GRID:
-            cv_zoo, cv_test = cvs[rule.folds]
-            ez, et = zoo.error(cv_zoo.conditioned(rule), held), sine.nrmse(spec, cv_test.conditioned(rule), test)
-            rows.append({"seed": seed, "shots": k, "rule": rule_name(rule),
-                         "zoo_ratio": float(ez.mean() / zoo0.mean()), "zoo_worse": float((ez > zoo0).float().mean()),
-                         "test_nrmse": float(et.mean()), "test_worse": float((et > test0).float().mean())})
+        new = lambda folds: cross_validate(spec, post.mean, post.readout, x, test(x), folds=folds)  # noqa: E731
+        rows += score_rules(zoo, k, seed, new, nrmse, nrmse(post.mean), "test_nrmse")
     return rows
 
 
@@ -218,7 +233,7 @@ def covariance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     return {"choice": choice, "rows": rows}
 
 
-def _rule_table(rows: list[dict[str, Any]], score: str = "test_nrmse") -> list[str]:
+def rule_table(rows: list[dict[str, Any]], score: str = "test_nrmse") -> list[str]:
     """One line per acceptance rule: its worst zoo harm and its seed means per shot count."""
     out = []
     for name in dict.fromkeys(r["rule"] for r in rows):
@@ -272,6 +287,7 @@ def main() -> None:
         device_rules[rule_name(RULES["mse", post.distilled])] = None  # a zoo that chose 0 steps answers fast
         print(f"seed {seed} done: the fit's covariance: {cov['choice']}", flush=True)
     report["zoo_choice"] = zoo_choice(report["acceptance"])
+    report["distill"] = args.distill  # which path's rule this is: rule_transfer.py --sine checks it
     (args.out / "adaptation.json").write_text(json.dumps(report, indent=2))
     lines = ["## Relative RMS error per eighth of [-5, 5] (seed means)", "",
              "| what | " + " | ".join(f"bin {i + 1}" for i in range(BINS)) + " |", "|---|" + "---|" * BINS]
@@ -287,7 +303,7 @@ def main() -> None:
               "over seeds and shot counts (the bound: 5 %).", "",
               "| rule | zoo max worse | zoo error / 0-shot, 10/20/30/40 shots | test nRMSE, 10/20/30/40 | "
               "test share worse, 10/20/30/40 |", "|---|---|---|---|---|"]
-    lines += _rule_table(report["acceptance"])
+    lines += rule_table(report["acceptance"])
     choices = ", ".join(f"seed {s}: {c['choice']}" for s, c in report["covariance"].items())
     lines += ["", f"## Residual covariance at fixed strength c, exact conditioning (seed means; the fit's: {choices})", "",
               "| shots | covariance | c | test nRMSE | test share worse |", "|---|---|---|---|---|"]

@@ -30,7 +30,7 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
     sine = [{"rule": rule, "shots": k, "zoo_ratio": ratio, "zoo_worse": 0.01}
             for rule, ratio in (("t 0, shrink 1, best strength, 5-fold", 0.5), ("t 3, shrink 1, best strength, 5-fold", 0.9))
             for k in (10, 20, 30, 40)]
-    (tmp_path / "sine.json").write_text(json.dumps({"acceptance": sine}))
+    (tmp_path / "sine.json").write_text(json.dumps({"acceptance": sine, "distill": False}))
     res = subprocess.run([sys.executable, str(SCRIPT), "--family", "bump_family:BumpFamily", "--devices", "24",
                           "--n-test", "6", "--seeds", "3", "--out", str(tmp_path), "--sine", str(tmp_path / "sine.json")],
                          capture_output=True, text=True, timeout=580)
@@ -46,7 +46,7 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
             assert worse == sorted(worse, reverse=True)
     assert report["zoo_choice"] == {"3": adaptation.zoo_choice(rows)}
     assert report["validated_choice"] == rule_transfer.validated_choice(sine, rows)
-    assert report["default"] == "t 2.5, shrink 1, any strength, 5-fold, absolute error"  # RULES["mse", False]
+    assert report["default"] == "t 2.5, shrink 1, best strength, 5-fold, absolute error"  # RULES["mse", False]
     assert f"Default (`RULES`): **{report['default']}**" in (tmp_path / "rule_transfer.md").read_text()
 
 
@@ -68,3 +68,17 @@ def test_the_validated_choice_is_the_sine_zoos_choice_among_the_rules_the_family
     assert rule_transfer.validated_choice(rows, family("low", 0.11) + family("high", 0.5)) == "low"  # 5.0 % pooled
     assert rule_transfer.validated_choice(rows, family("low", 0.12) + family("high", 0.02)) == "high"  # 5.3 %
     assert rule_transfer.validated_choice(rows, family("low", 0.12) + family("high", 0.12)) is None
+    # a rule the family never scored, or scored at some shot counts only, is not validated
+    assert rule_transfer.validated_choice(rows, family("high", 0.02)) == "high"
+    partial = [r for r in family("low", 0.02) if r["shots"] != 40]
+    assert rule_transfer.validated_choice(rows, partial + family("high", 0.02)) == "high"
+    # the sine zoos' own bound still applies
+    over = [dict(r, zoo_worse=0.06) if r["shots"] == 10 else r for r in sine("cheapest", 0.1)]
+    assert rule_transfer.validated_choice(over + rows, family("cheapest", 0.0) + family("low", 0.02)) == "low"
+
+
+def test_the_validation_refuses_a_report_of_the_other_path(tmp_path):
+    (tmp_path / "sine.json").write_text(json.dumps({"acceptance": [], "distill": True}))
+    res = subprocess.run([sys.executable, str(SCRIPT), "--sine", str(tmp_path / "sine.json"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "distilled path's report" in res.stderr
