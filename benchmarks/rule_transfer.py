@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from adaptation import HARM_BOUND, SHOTS, PseudoDevices, rule_name, rule_table, score_rules, zoo_choice
-from fedfuse.adaptation import RULES, cross_validate
+from fedfuse.adaptation import RULES, CrossValidation, cross_validate
 from fedfuse.meta_model import MetaModel
+from fedfuse.posterior import WeightPosterior
 from fedfuse.tasks import DeviceConfig, TaskFamily, get_family
 from fedfuse.training import train_networks
 from fedfuse.zoo import ModelZoo
@@ -59,14 +60,24 @@ def transfer(family: TaskFamily, devices: int, n_test: int, seed: int, distill: 
     zoo = zoo_of(family, devices, seed)
     model = MetaModel(seed=seed, progress=False, **family.meta_model_settings()).fit(zoo, probe=family.probe(seed))
     pseudo = PseudoDevices.of(model, zoo.tau, distill)
+    posts: dict[bytes, WeightPosterior] = {}  # the same new devices at every shot count: personalized (distilled) once
     rows = []
     for k in SHOTS:
         cfg = DeviceConfig(num_clients=devices, num_new=n_test, seed=seed, shots=k)
         new = [family.simulated_device(devices + j, cfg) for j in range(n_test)]
-        post = model.personalize(torch.tensor([d.tau for d in new]), distill=distill)
+        tau = torch.tensor([d.tau for d in new])
+        key = tau.numpy().tobytes()
+        if key not in posts:
+            posts[key] = model.personalize(tau, distill=distill)
+        post = posts[key]
         x, y = torch.stack([d.x for d in new]), torch.stack([d.y for d in new])
-        score = lambda w, new=new: torch.stack([family.evaluate(w[j : j + 1], d)[0] for j, d in enumerate(new)])  # noqa: E731
-        cv = lambda folds, post=post, x=x, y=y: cross_validate(family.arch, post.mean, post.readout, x, y, folds=folds)  # noqa: E731
+
+        def score(w: torch.Tensor) -> torch.Tensor:
+            return torch.stack([family.evaluate(w[j : j + 1], d)[0] for j, d in enumerate(new)])
+
+        def cv(folds: int | None) -> CrossValidation:
+            return cross_validate(family.arch, post.mean, post.readout, x, y, folds=folds)
+
         rows += score_rules(pseudo, k, seed, cv, score, score(post.mean), "test_score", not family.score.higher_is_better)
     return rows
 
@@ -75,11 +86,11 @@ def validated_choice(sine_rows: list[dict[str, Any]], family_rows: list[dict[str
     """The sine zoos' choice (``zoo_choice``) among the rules the family's new devices were scored
     under at every shot count that leave at most :data:`HARM_BOUND` of them worse at each, pooled
     over seeds (a rule the family never scored is not validated)."""
-    passed = set()
-    for name in dict.fromkeys(r["rule"] for r in family_rows):
-        shares = [[r["test_worse"] for r in family_rows if r["rule"] == name and r["shots"] == k] for k in SHOTS]
-        if all(shares) and all(sum(w) / len(w) <= HARM_BOUND + 1e-6 for w in shares):  # float32 shares
-            passed.add(name)
+    shares: dict[str, dict[int, list[float]]] = {}
+    for r in family_rows:
+        shares.setdefault(r["rule"], {}).setdefault(r["shots"], []).append(r["test_worse"])
+    passed = {name for name, by_k in shares.items()  # float32 shares
+              if all(k in by_k and sum(by_k[k]) / len(by_k[k]) <= HARM_BOUND + 1e-6 for k in SHOTS)}
     return zoo_choice([r for r in sine_rows if r["rule"] in passed])
 
 
