@@ -18,7 +18,9 @@ default is chosen: the rule with the lowest mean error on the sine zoos' pseudo-
 those that leave at most 5 % of them worse (adaptation.py's bound) *and* at most 5 % of this
 family's new devices worse at every shot count (pooled over seeds): the pseudo-devices understate
 the harm real devices meet, and the family's new devices are a validation set no benchmark
-scores.
+scores. ``--also runs/.../rule_transfer.json ...``: other families' reports of the same path,
+which the choice must pass as well, each family on its own (``RULES`` is validated on the bump
+and the step family of ``simulations/examples/bump_family``).
 
 Writes rule_transfer.json and rule_transfer.md. The family's new devices validate ``RULES`` (with
 ``--sine``); the sine benchmark's test tasks never enter, and nothing else here is a setting.
@@ -82,16 +84,20 @@ def transfer(family: TaskFamily, devices: int, n_test: int, seed: int, distill: 
     return rows
 
 
-def validated_choice(sine_rows: list[dict[str, Any]], family_rows: list[dict[str, Any]]) -> str | None:
-    """The sine zoos' choice (``zoo_choice``) among the rules the family's new devices were scored
-    under at every shot count that leave at most :data:`HARM_BOUND` of them worse at each, pooled
-    over seeds (a rule the family never scored is not validated)."""
-    shares: dict[str, dict[int, list[float]]] = {}
-    for r in family_rows:
-        shares.setdefault(r["rule"], {}).setdefault(r["shots"], []).append(r["test_worse"])
-    passed = {name for name, by_k in shares.items()  # float32 shares
-              if all(k in by_k and sum(by_k[k]) / len(by_k[k]) <= HARM_BOUND + 1e-6 for k in SHOTS)}
-    return zoo_choice([r for r in sine_rows if r["rule"] in passed])
+def validated_choice(sine_rows: list[dict[str, Any]], *families: list[dict[str, Any]]) -> str | None:
+    """The sine zoos' choice (``zoo_choice``) among the rules that every family's new devices
+    were scored under at every shot count and that leave at most :data:`HARM_BOUND` of them
+    worse at each, pooled over that family's seeds (a rule a family never scored is not
+    validated)."""
+    passed: set[str] | None = None
+    for rows in families:
+        shares: dict[str, dict[int, list[float]]] = {}
+        for r in rows:
+            shares.setdefault(r["rule"], {}).setdefault(r["shots"], []).append(r["test_worse"])
+        mine = {name for name, by_k in shares.items()  # float32 shares
+                if all(k in by_k and sum(by_k[k]) / len(by_k[k]) <= HARM_BOUND + 1e-6 for k in SHOTS)}
+        passed = mine if passed is None else passed & mine
+    return zoo_choice([r for r in sine_rows if r["rule"] in (passed or set())])
 
 
 def main() -> None:
@@ -106,6 +112,8 @@ def main() -> None:
     ap.add_argument("--distill", action="store_true", help="the distilled path, pseudo-devices distilled alike")
     ap.add_argument("--sine", type=Path, default=None,
                     help="an adaptation.json of the same path from benchmarks/adaptation.py: also the validated choice")
+    ap.add_argument("--also", type=Path, nargs="+", default=[],
+                    help="rule_transfer.json reports of other families, same path: the validated choice must pass them too")
     args = ap.parse_args()
     sine_rows = None
     if args.sine:
@@ -114,6 +122,12 @@ def main() -> None:
             ap.error(f"{args.sine} is the {'distilled' if sine.get('distill') else 'fast'} path's report (or does not "
                      f"say); run with{'' if sine.get('distill') else 'out'} --distill, or adaptation.py again")
         sine_rows = sine["acceptance"]
+    others = [json.loads(p.read_text()) for p in args.also]
+    for p, other in zip(args.also, others):
+        if other.get("distill") != args.distill:
+            ap.error(f"{p} is the {'distilled' if other.get('distill') else 'fast'} path's report")
+    if others and sine_rows is None:
+        ap.error("--also validates a choice: give --sine too")
     family = get_family(args.family)
     if family.loss != "mse":
         ap.error(f"{args.family} trains with {family.loss!r}: the grid is the squared-error device's")
@@ -131,15 +145,17 @@ def main() -> None:
     default = rule_name(RULES["mse", args.distill])
     report = {"family": args.family, "distill": args.distill, "default": default, "zoo_choice": picks, "rows": rows}
     if sine_rows is not None:
-        report["validated_choice"] = validated_choice(sine_rows, rows)
+        report["validated_on"] = [args.family, *(o["family"] for o in others)]
+        report["validated_choice"] = validated_choice(sine_rows, rows, *(o["rows"] for o in others))
     (args.out / "rule_transfer.json").write_text(json.dumps(report, indent=2))
     validated = [report["validated_choice"]] if sine_rows is not None and report["validated_choice"] else []
     shown = list(dict.fromkeys([default, *(p for p in picks.values() if p), *validated]))
     lines = [f"## The device's rule on {args.family}" + (" (distilled path)" if args.distill else ""), "",
              f"Default (`RULES`): **{default}**. Each zoo's own pick: "
              + ", ".join(f"seed {s}: {p}" for s, p in picks.items()) + "."
-             + (f" Validated choice (the sine zoos' among the rules harming at most 5 % of these new devices): "
-                f"**{report['validated_choice']}**." if sine_rows is not None else ""), "",
+             + (f" Validated choice (the sine zoos' among the rules harming at most 5 % of the new devices of "
+                f"{', '.join(report['validated_on'])}, each): **{report['validated_choice']}**."
+                if sine_rows is not None else ""), "",
              "| rule | zoo max worse | zoo error / 0-shot, 10/20/30/40 shots | new devices' "
              f"{family.score.name}, 10/20/30/40 | new devices' share worse, 10/20/30/40 |", "|---|---|---|---|---|"]
     for seed in args.seeds:

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from bump_family.steps import step
+
+from fedfuse.tasks import DeviceConfig, get_family
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "rule_transfer.py"
@@ -31,9 +35,13 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
             for rule, ratio in (("t 0, shrink 1, best strength, 5-fold", 0.5), ("t 3, shrink 1, best strength, 5-fold", 0.9))
             for k in (10, 20, 30, 40)]
     (tmp_path / "sine.json").write_text(json.dumps({"acceptance": sine, "distill": False}))
+    # another family's report, in which the cheaper sine rule harms every device
+    other = [{"rule": r["rule"], "shots": r["shots"], "seed": 0, "test_worse": float(r["rule"].startswith("t 0"))}
+             for r in sine]
+    (tmp_path / "other.json").write_text(json.dumps({"family": "other", "rows": other, "distill": False}))
     res = subprocess.run([sys.executable, str(SCRIPT), "--family", "bump_family:BumpFamily", "--devices", "24",
-                          "--n-test", "6", "--seeds", "3", "--out", str(tmp_path), "--sine", str(tmp_path / "sine.json")],
-                         capture_output=True, text=True, timeout=580)
+                          "--n-test", "6", "--seeds", "3", "--out", str(tmp_path), "--sine", str(tmp_path / "sine.json"),
+                          "--also", str(tmp_path / "other.json")], capture_output=True, text=True, timeout=580)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "rule_transfer.json").read_text())
     rows = report["rows"]
@@ -45,9 +53,25 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
                      for t in range(4)]
             assert worse == sorted(worse, reverse=True)
     assert report["zoo_choice"] == {"3": adaptation.zoo_choice(rows)}
-    assert report["validated_choice"] == rule_transfer.validated_choice(sine, rows)
+    assert report["validated_choice"] == rule_transfer.validated_choice(sine, rows, other)
+    assert report["validated_on"] == ["bump_family:BumpFamily", "other"]
+    assert report["validated_choice"] in (None, "t 3, shrink 1, best strength, 5-fold")
     assert report["default"] == "t 2.5, shrink 1, best strength, 5-fold, absolute error"  # RULES["mse", False]
     assert f"Default (`RULES`): **{report['default']}**" in (tmp_path / "rule_transfer.md").read_text()
+
+
+def test_the_step_validation_family_has_noisy_shots_and_is_scored_against_the_noiseless_step():
+    family = get_family("bump_family.steps:StepFamily")
+    cfg = DeviceConfig(num_clients=4, num_new=2, seed=1, shots=20)
+    zoo_device, new_device = family.simulated_device(0, cfg), family.simulated_device(5, cfg)
+    assert new_device.x.shape == (20, 1) and zoo_device.x.shape == (100, 1)
+    for d in (zoo_device, new_device):
+        family.descriptor.check(d.tau)  # raises outside the domain
+        tau = torch.tensor([d.tau])
+        noise = d.y - step(tau, d.x)[0]
+        assert 0.03 < float(noise.std()) < 0.07  # NOISE on the examples and shots
+        assert torch.equal(d.y_eval, step(tau, d.x_eval)[0])  # none where the device is scored
+    assert new_device.tau != family.simulated_device(4, cfg).tau  # new devices differ
 
 
 def test_the_rule_transfer_report_refuses_a_family_without_squared_error(tmp_path):
@@ -75,6 +99,11 @@ def test_the_validated_choice_is_the_sine_zoos_choice_among_the_rules_the_family
     # the sine zoos' own bound still applies
     over = [dict(r, zoo_worse=0.06) if r["shots"] == 10 else r for r in sine("cheapest", 0.1)]
     assert rule_transfer.validated_choice(over + rows, family("cheapest", 0.0) + family("low", 0.02)) == "low"
+    # with two families a rule must pass each, not their pool
+    passes, harms = family("low", 0.02) + family("high", 0.02), family("low", 0.2) + family("high", 0.02)
+    assert rule_transfer.validated_choice(rows, passes, harms) == "high"
+    assert rule_transfer.validated_choice(rows, harms, passes) == "high"
+    assert rule_transfer.validated_choice(rows, passes, family("high", 0.02)) == "high"  # "low" unscored on one
 
 
 def test_the_validation_refuses_a_report_of_the_other_path(tmp_path):
@@ -82,3 +111,8 @@ def test_the_validation_refuses_a_report_of_the_other_path(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--sine", str(tmp_path / "sine.json"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "distilled path's report" in res.stderr
+    (tmp_path / "sine.json").write_text(json.dumps({"acceptance": [], "distill": False}))
+    (tmp_path / "other.json").write_text(json.dumps({"family": "x", "rows": [], "distill": True}))
+    res = subprocess.run([sys.executable, str(SCRIPT), "--sine", str(tmp_path / "sine.json"), "--also",
+                          str(tmp_path / "other.json"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "other.json is the distilled path's report" in res.stderr

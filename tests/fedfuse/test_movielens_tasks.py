@@ -26,15 +26,23 @@ def test_split_follows_the_paper(ratings):
 
 def test_descriptor_depends_only_on_context_ratings(ratings):
     sp = ml.split(ratings, seed=0)
-    tau = ml.descriptors(ratings, sp, dim=10)
-    assert tau.shape == (ratings.num_users, 12) and torch.isfinite(tau).all()
+    tau = ml.descriptors(ratings, sp)
+    assert tau.shape == (ratings.num_users, 32) and torch.isfinite(tau).all()
     changed = ratings.rating.clone()
     changed[~sp.is_context] = 6 - changed[~sp.is_context]  # flip every non-context rating
     other = Ratings(ratings.user, ratings.item, changed, ratings.num_users, ratings.num_items)
-    assert torch.equal(ml.descriptors(other, sp, dim=10), tau)
-    changed[sp.is_context] = 6 - changed[sp.is_context]
+    assert torch.equal(ml.descriptors(other, sp), tau)
+    changed[sp.is_context] = ratings.rating[sp.is_context] % 5 + 1  # other context ratings, same items
     other = Ratings(ratings.user, ratings.item, changed, ratings.num_users, ratings.num_items)
-    assert not torch.equal(ml.descriptors(other, sp, dim=10), tau)
+    flipped = ml.descriptors(other, sp)
+    # the rating components move; the components of which items were rated do not
+    assert not torch.allclose(flipped[:, 2:12].abs(), tau[:, 2:12].abs(), atol=1e-2)
+    assert torch.equal(flipped[:, 12:], tau[:, 12:])
+    # rating one more context item moves them
+    user, item = int(sp.seen[0]), int(sp.context[-1])
+    extra = Ratings(torch.cat([ratings.user, torch.tensor([user])]), torch.cat([ratings.item, torch.tensor([item])]),
+                    torch.cat([ratings.rating, torch.tensor([3.0])]), ratings.num_users, ratings.num_items)
+    assert not torch.equal(ml.descriptors(extra, ml.split(extra, seed=0))[user, 12:], tau[user, 12:])
 
 
 def test_ridge_matches_a_direct_solve_per_row():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fedfuse.architectures import VectorSpec
 from fedfuse.meta_model import MetaModel
 from fedfuse.screening import screen
 from fedfuse.tasks import sine
@@ -74,7 +75,23 @@ def test_colluders_claiming_nearby_descriptors_cannot_vouch_for_each_other(small
 def test_an_extreme_descriptor_is_excluded_and_leaves_the_others_judged_as_before(small_sine_zoo):
     tasks, zoo = small_sine_zoo
     kept, report = screen(extreme_descriptor(tasks, zoo).upon(zoo), PROBE)
-    assert report.excluded == ["bad-0"] and "robust scales from every other one" in report.reasons["bad-0"]
+    assert report.excluded == ["bad-0"] and "robust scales per entry from every other one" in report.reasons["bad-0"]
     assert kept.ids == zoo.ids
     clean = screen(zoo, PROBE)[1].scores  # robust scales: the others' neighbourhoods barely move
     assert sorted(abs(report.scores[i] - clean[i]) for i in zoo.ids)[len(zoo) // 2] < 0.5
+
+
+@pytest.mark.parametrize("length", [2, 32])
+def test_the_isolation_bar_does_not_rise_with_the_descriptors_length(length):
+    """Honest heavy-tailed descriptors drawn alike (as principal-component scores of sparse data
+    are) are never isolated, however many entries they have (in 32 entries the Euclidean
+    distances of 20 of them to their nearest neighbour pass 10 robust units); one far away is."""
+    torch.manual_seed(0)
+    tau = torch.distributions.StudentT(3.0).sample((300, length))
+    tau[-1] += 40.0
+    gen = torch.Generator().manual_seed(0)
+    weights = tau @ torch.randn(length, 8, generator=gen) + 0.01 * torch.randn(300, 8, generator=gen)
+    zoo = ModelZoo(VectorSpec(8), weights, tau, [f"m-{i}" for i in range(300)])
+    _, report = screen(zoo)
+    isolated = [i for i, why in report.reasons.items() if "from every other one" in why]
+    assert isolated == ["m-299"]

@@ -19,6 +19,7 @@ FAMILIES = {  # family: (overrides, whether ours beats a cold start at 0 shots e
     "mnist-cnn": (dict(train_steps=60, shots=2), False),
     "movielens": (dict(shots=5), False),
     "bump_family:BumpFamily": (dict(train_steps=300, shots=8), True),
+    "bump_family.steps:StepFamily": (dict(train_steps=300, shots=8), False),
 }
 
 

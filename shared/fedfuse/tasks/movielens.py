@@ -77,18 +77,25 @@ def context_matrix(ratings: Ratings, sp: Split) -> Tensor:
     return out
 
 
-def descriptors(ratings: Ratings, sp: Split, dim: int = 10) -> Tensor:
+def descriptors(ratings: Ratings, sp: Split, rating_dim: int = 10, rated_dim: int = 20) -> Tensor:
     """Each user's descriptor from its context ratings only: its mean centered rating, its
-    number of ratings (log) and the top ``dim`` principal components of the centered rating
-    matrix, fitted on the seen users (what the server holds)."""
+    number of ratings (log), the top ``rating_dim`` principal components of the centered rating
+    matrix and the top ``rated_dim`` of *which* context items it rated (0/1: what a user chose
+    to rate tells its taste apart from how it rated, as implicit feedback does in CF); both
+    bases are fitted on the seen users (what the server holds)."""
     c = context_matrix(ratings, sp)
-    rated = (c != 0).float().sum(1)
+    was_rated = (c != 0).float()
+    rated = was_rated.sum(1)
     mean = c.sum(1) / rated.clamp_min(1)
-    seen = c[sp.seen]
-    center = seen.mean(0)
-    _, _, v = torch.linalg.svd(seen - center, full_matrices=False)
-    pcs = (c - center) @ v[:dim].T
-    return torch.cat([mean[:, None], torch.log1p(rated)[:, None], pcs], dim=1)
+    return torch.cat([mean[:, None], torch.log1p(rated)[:, None],
+                      _principal_scores(c, sp.seen, rating_dim), _principal_scores(was_rated, sp.seen, rated_dim)], dim=1)
+
+
+def _principal_scores(m: Tensor, fitted_on: Tensor, k: int) -> Tensor:
+    """Every row's scores on the top ``k`` principal axes of the rows ``fitted_on``."""
+    center = m[fitted_on].mean(0)
+    _, _, v = torch.linalg.svd(m[fitted_on] - center, full_matrices=False)
+    return (m - center) @ v[:k].T
 
 
 def ridge(rows: Tensor, feats: Tensor, target: Tensor, n_rows: int, reg: float,
@@ -161,7 +168,7 @@ class PublicSide:
 
     ratings: Ratings
     split: Split
-    tau: Tensor  # (num_users, 12) every user's descriptor
+    tau: Tensor  # (num_users, 32) every user's descriptor
     items: ItemModel
 
 
@@ -185,8 +192,9 @@ class MovieLensFamily(TaskFamily):
     dim = 20
     reg = 10.0
     arch = VectorSpec(dim)
-    descriptor = DescriptorSpec(("mean context rating", "log context count", *(f"context PC{i + 1}" for i in range(10))),
-                                (-4.0, 0.0, *(-1e3,) * 10), (4.0, 6.0, *(1e3,) * 10))
+    descriptor = DescriptorSpec(("mean context rating", "log context count", *(f"context PC{i + 1}" for i in range(10)),
+                                 *(f"rated PC{i + 1}" for i in range(20))),
+                                (-4.0, 0.0, *(-1e3,) * 30), (4.0, 6.0, *(1e3,) * 30))
     loss = "mse"
     score = Score("RMSE", higher_is_better=False, digits=3)
     recipe = Recipe(train_steps=300, train_lr=5e-2, finetune_steps=300, finetune_lr=5e-2)

@@ -3,6 +3,7 @@
 Run it through Flower with ``--run-config "family='bump_family:BumpFamily'"`` once this package
 is installed next to fedfuse (``pip install -e simulations/examples/bump_family``). Nothing in
 fedfuse names it: the server and the devices learn everything from the family object.
+``bump_family.steps:StepFamily`` is a second one, unlike it (noisy smooth steps, a ReLU net).
 """
 
 from __future__ import annotations
