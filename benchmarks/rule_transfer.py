@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from adaptation import HARM_BOUND, SHOTS, PseudoDevices, rule_name, rule_table, score_rules, zoo_choice
+from adaptation import GRID, HARM_BOUND, SHOTS, PseudoDevices, rule_name, rule_table, score_rules, zoo_choice
 from fedfuse.adaptation import RULES, CrossValidation, cross_validate
 from fedfuse.meta_model import MetaModel
 from fedfuse.posterior import WeightPosterior
@@ -89,6 +89,8 @@ def validated_choice(sine_rows: list[dict[str, Any]], *families: list[dict[str, 
     were scored under at every shot count and that leave at most :data:`HARM_BOUND` of them
     worse at each, pooled over that family's seeds (a rule a family never scored is not
     validated)."""
+    if not families:
+        raise ValueError("a validated choice needs at least one family's rows")
     passed: set[str] | None = None
     for rows in families:
         shares: dict[str, dict[int, list[float]]] = {}
@@ -123,9 +125,16 @@ def main() -> None:
                      f"say); run with{'' if sine.get('distill') else 'out'} --distill, or adaptation.py again")
         sine_rows = sine["acceptance"]
     others = [json.loads(p.read_text()) for p in args.also]
+    grid = {rule_name(r) for r in GRID}
     for p, other in zip(args.also, others):
-        if other.get("distill") != args.distill:
-            ap.error(f"{p} is the {'distilled' if other.get('distill') else 'fast'} path's report")
+        if not {"family", "rows", "distill"} <= other.keys():
+            ap.error(f"{p} is not a rule_transfer.json report (it needs family, rows and distill)")
+        if other["distill"] != args.distill:
+            ap.error(f"{p} is the {'distilled' if other['distill'] else 'fast'} path's report")
+        if other["family"] == args.family or [o["family"] for o in others].count(other["family"]) > 1:
+            ap.error(f"{p}: {other['family']} is validated on twice; give each family once")
+        if {r["rule"] for r in other["rows"]} != grid:
+            ap.error(f"{p} scored another grid of rules than this one's {len(grid)}: run it again")
     if others and sine_rows is None:
         ap.error("--also validates a choice: give --sine too")
     family = get_family(args.family)
@@ -145,7 +154,8 @@ def main() -> None:
     default = rule_name(RULES["mse", args.distill])
     report = {"family": args.family, "distill": args.distill, "default": default, "zoo_choice": picks, "rows": rows}
     if sine_rows is not None:
-        report["validated_on"] = [args.family, *(o["family"] for o in others)]
+        report["validated_on"] = {args.family: list(args.seeds),
+                                  **{o["family"]: sorted({r["seed"] for r in o["rows"]}) for o in others}}
         report["validated_choice"] = validated_choice(sine_rows, rows, *(o["rows"] for o in others))
     (args.out / "rule_transfer.json").write_text(json.dumps(report, indent=2))
     validated = [report["validated_choice"]] if sine_rows is not None and report["validated_choice"] else []

@@ -42,10 +42,7 @@ class MovieLensConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     n_context: int = 300
     n_unseen: int = 143
-    # principal components of the context ratings and of which context items were rated: the
-    # zoos' leave-one-out error (mean over seeds 0-2, 20 dims) picks (10, 20) of (10, 0/5/10/20/40)
-    # and (20, 20): simulations/RESULTS.md, ablations
-    tau_dims: tuple[int, int] = (10, 20)
+    tau_dims: tuple[int, int] = (ml.RATING_DIM, ml.RATED_DIM)  # the descriptor's principal components
     reg: float = 10.0  # ridge weight of every CF and device fit (best of 5/10/20/40 for the CFs, seed 0)
     als_iters: int = 15
     meta: dict[str, Any] = field(default_factory=lambda: {"hidden": (64,)})

@@ -27,22 +27,41 @@ def test_split_follows_the_paper(ratings):
 def test_descriptor_depends_only_on_context_ratings(ratings):
     sp = ml.split(ratings, seed=0)
     tau = ml.descriptors(ratings, sp)
-    assert tau.shape == (ratings.num_users, 32) and torch.isfinite(tau).all()
+    assert tau.shape == (ratings.num_users, 2 + ml.RATING_DIM + ml.RATED_DIM) and torch.isfinite(tau).all()
+    assert ml.MovieLensFamily.descriptor.length == tau.shape[1]
+    rating_part, rated_part = slice(2, 2 + ml.RATING_DIM), slice(2 + ml.RATING_DIM, None)
+
+    def with_ratings(rating: torch.Tensor) -> Ratings:
+        return Ratings(ratings.user, ratings.item, rating, ratings.num_users, ratings.num_items)
+
     changed = ratings.rating.clone()
     changed[~sp.is_context] = 6 - changed[~sp.is_context]  # flip every non-context rating
-    other = Ratings(ratings.user, ratings.item, changed, ratings.num_users, ratings.num_items)
-    assert torch.equal(ml.descriptors(other, sp), tau)
+    assert torch.equal(ml.descriptors(with_ratings(changed), sp), tau)
     changed[sp.is_context] = ratings.rating[sp.is_context] % 5 + 1  # other context ratings, same items
-    other = Ratings(ratings.user, ratings.item, changed, ratings.num_users, ratings.num_items)
-    flipped = ml.descriptors(other, sp)
+    flipped = ml.descriptors(with_ratings(changed), sp)
     # the rating components move; the components of which items were rated do not
-    assert not torch.allclose(flipped[:, 2:12].abs(), tau[:, 2:12].abs(), atol=1e-2)
-    assert torch.equal(flipped[:, 12:], tau[:, 12:])
-    # rating one more context item moves them
-    user, item = int(sp.seen[0]), int(sp.context[-1])
+    assert not torch.allclose(flipped[:, rating_part].abs(), tau[:, rating_part].abs(), atol=1e-2)
+    assert torch.equal(flipped[:, rated_part], tau[:, rated_part])
+
+
+def test_descriptor_bases_are_the_seen_users_and_a_new_user_is_scored_on_them(ratings):
+    sp = ml.split(ratings, seed=0)
+    tau = ml.descriptors(ratings, sp)
+    # an unseen user rating one more context item: its own rated components move, no one else's
+    # do (the bases are fitted on the seen users alone; the ratings' centering, the mean of every
+    # context rating, moves by a hair)
+    user, item = int(sp.unseen[0]), int(sp.context[-1])
+    rated_before = ((ratings.user == user) & (ratings.item == item)).any()
+    assert not rated_before
     extra = Ratings(torch.cat([ratings.user, torch.tensor([user])]), torch.cat([ratings.item, torch.tensor([item])]),
                     torch.cat([ratings.rating, torch.tensor([3.0])]), ratings.num_users, ratings.num_items)
-    assert not torch.equal(ml.descriptors(extra, ml.split(extra, seed=0))[user, 12:], tau[user, 12:])
+    other = ml.descriptors(extra, ml.split(extra, seed=0))
+    assert not torch.equal(other[user, 2 + ml.RATING_DIM:], tau[user, 2 + ml.RATING_DIM:])
+    others = torch.arange(ratings.num_users) != user
+    assert torch.equal(other[others, 2 + ml.RATING_DIM:], tau[others, 2 + ml.RATING_DIM:])
+    assert torch.allclose(other[others], tau[others], atol=1e-2)
+    with pytest.raises(ValueError, match="principal components"):
+        ml.descriptors(ratings, sp, rated_dim=301)
 
 
 def test_ridge_matches_a_direct_solve_per_row():

@@ -66,25 +66,34 @@ def split(ratings: Ratings, seed: int, n_context: int = 300, n_unseen: int = 143
     return Split(context, seen, unseen, is_context, is_seen, is_test)
 
 
-def context_matrix(ratings: Ratings, sp: Split) -> Tensor:
-    """``(num_users, n_context)``: centered context ratings, 0 where a user rated nothing."""
+def context_matrix(ratings: Ratings, sp: Split) -> tuple[Tensor, Tensor]:
+    """``(num_users, n_context)`` each: the context ratings centered at their mean over every
+    user (a public constant; 0 where a user rated nothing) and which context items each user
+    rated (0/1)."""
     m = sp.is_context
     col = torch.full((ratings.num_items,), -1, dtype=torch.long)
     col[sp.context] = torch.arange(len(sp.context))
     mu = ratings.rating[m].mean()
-    out = torch.zeros(ratings.num_users, len(sp.context))
-    out[ratings.user[m], col[ratings.item[m]]] = ratings.rating[m] - mu
-    return out
+    centered = torch.zeros(ratings.num_users, len(sp.context))
+    rated = torch.zeros(ratings.num_users, len(sp.context))
+    centered[ratings.user[m], col[ratings.item[m]]] = ratings.rating[m] - mu
+    rated[ratings.user[m], col[ratings.item[m]]] = 1.0
+    return centered, rated
 
 
-def descriptors(ratings: Ratings, sp: Split, rating_dim: int = 10, rated_dim: int = 20) -> Tensor:
+# the descriptor's principal components of the context ratings and of which context items were
+# rated: the three bench zoos' mean leave-one-out error picks (10, 20) of (10, 0/5/10/20/40) and
+# (20, 20) (simulations/RESULTS.md, ablations); a family constant, since a device must know what to send
+RATING_DIM, RATED_DIM = 10, 20
+
+
+def descriptors(ratings: Ratings, sp: Split, rating_dim: int = RATING_DIM, rated_dim: int = RATED_DIM) -> Tensor:
     """Each user's descriptor from its context ratings only: its mean centered rating, its
     number of ratings (log), the top ``rating_dim`` principal components of the centered rating
     matrix and the top ``rated_dim`` of *which* context items it rated (0/1: what a user chose
     to rate tells its taste apart from how it rated, as implicit feedback does in CF); both
     bases are fitted on the seen users (what the server holds)."""
-    c = context_matrix(ratings, sp)
-    was_rated = (c != 0).float()
+    c, was_rated = context_matrix(ratings, sp)
     rated = was_rated.sum(1)
     mean = c.sum(1) / rated.clamp_min(1)
     return torch.cat([mean[:, None], torch.log1p(rated)[:, None],
@@ -93,6 +102,8 @@ def descriptors(ratings: Ratings, sp: Split, rating_dim: int = 10, rated_dim: in
 
 def _principal_scores(m: Tensor, fitted_on: Tensor, k: int) -> Tensor:
     """Every row's scores on the top ``k`` principal axes of the rows ``fitted_on``."""
+    if not 0 <= k <= min(len(fitted_on), m.shape[1]):
+        raise ValueError(f"{k} principal components asked of {len(fitted_on)} rows of {m.shape[1]} entries")
     center = m[fitted_on].mean(0)
     _, _, v = torch.linalg.svd(m[fitted_on] - center, full_matrices=False)
     return (m - center) @ v[:k].T
@@ -168,7 +179,7 @@ class PublicSide:
 
     ratings: Ratings
     split: Split
-    tau: Tensor  # (num_users, 32) every user's descriptor
+    tau: Tensor  # (num_users, 2 + RATING_DIM + RATED_DIM) every user's descriptor
     items: ItemModel
 
 
@@ -192,9 +203,11 @@ class MovieLensFamily(TaskFamily):
     dim = 20
     reg = 10.0
     arch = VectorSpec(dim)
-    descriptor = DescriptorSpec(("mean context rating", "log context count", *(f"context PC{i + 1}" for i in range(10)),
-                                 *(f"rated PC{i + 1}" for i in range(20))),
-                                (-4.0, 0.0, *(-1e3,) * 30), (4.0, 6.0, *(1e3,) * 30))
+    descriptor = DescriptorSpec(("mean context rating", "log context count",
+                                 *(f"context PC{i + 1}" for i in range(RATING_DIM)),
+                                 *(f"rated PC{i + 1}" for i in range(RATED_DIM))),
+                                (-4.0, 0.0, *(-1e3,) * (RATING_DIM + RATED_DIM)),
+                                (4.0, 6.0, *(1e3,) * (RATING_DIM + RATED_DIM)))
     loss = "mse"
     score = Score("RMSE", higher_is_better=False, digits=3)
     recipe = Recipe(train_steps=300, train_lr=5e-2, finetune_steps=300, finetune_lr=5e-2)
