@@ -51,6 +51,11 @@ class DescriptorSpec:
     def length(self) -> int:
         return len(self.names)
 
+    def uniform(self, n: int, gen: torch.Generator) -> Tensor:
+        """``(n, length)`` descriptors drawn uniformly from the domain: simulated tasks."""
+        lo, hi = torch.tensor(self.low), torch.tensor(self.high)
+        return lo + (hi - lo) * torch.rand(n, self.length, generator=gen)
+
     def check(self, tau: list[float]) -> None:
         """Refuse a descriptor of the wrong length or outside the family's domain."""
         if len(tau) != self.length:

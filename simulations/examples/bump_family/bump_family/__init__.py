@@ -35,9 +35,7 @@ class BumpFamily(TaskFamily):
     meta_settings = {"hidden": (64,), "max_rounds": 4, "steps_per_round": 150}
 
     def _tasks(self, n: int, seed: int) -> Tensor:
-        u = torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
-        lo, hi = torch.tensor(self.descriptor.low), torch.tensor(self.descriptor.high)
-        return lo + (hi - lo) * u
+        return self.descriptor.uniform(n, torch.Generator().manual_seed(seed))
 
     def _inputs(self, n: int, seed: int) -> Tensor:
         lo, hi = X_RANGE
