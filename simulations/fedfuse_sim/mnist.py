@@ -111,16 +111,22 @@ def fit_maml(train: list[mnist.DigitTask], pools: list[tuple[Tensor, Tensor]], c
                           seed=seed, progress=progress).fit(episodes)
 
 
+def pretrained_zoo(cfg: MnistConfig, seed: int, train: list[mnist.DigitTask], x_train: Tensor, y_train: Tensor,
+                   progress: bool = False) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """The training devices' private images and their uploaded nets, as a seed's bench has them."""
+    pools = [mnist.task_data(t, x_train, y_train, cfg.pretrain_images, seed + 1 + i)
+             for i, t in enumerate(train)]
+    return pools, mnist.pretrain_on(pools, seed, cfg.pretrain_steps, progress=progress)
+
+
 def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Tensor],
              progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     train, test = mnist.sample_tasks(seed, cfg.n_train, cfg.n_test)
-    pools = [mnist.task_data(t, x_train, y_train, cfg.pretrain_images, seed + 1 + i)
-             for i, t in enumerate(train)]
     t0 = time.perf_counter()
-    weights = mnist.pretrain_on(pools, seed, cfg.pretrain_steps, progress=progress)
+    pools, weights = pretrained_zoo(cfg, seed, train, x_train, y_train, progress)
     timings["pretrain_s"] = time.perf_counter() - t0
     tau = torch.stack([t.tau for t in train])
     zoo = ModelZoo(mnist.SPEC, weights, tau, [f"mnist-{i:05d}" for i in range(len(train))],

@@ -1,0 +1,32 @@
+"""The 0-shot comparison on another family at smoke size: every method scored on every new
+device, and the table's 'ours better' share computed from those scores."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "family_zero_shot.py"
+METHODS = ["ours", "ours, distilled", "no-align", "no-align, distilled", "k-NN aligned", "1-NN", "zoo average"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_method_is_scored_on_every_new_device(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--family", "bump_family:BumpFamily", "--devices", "24",
+                          "--n-test", "6", "--seeds", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "family_zero_shot.json").read_text())
+    scores = report["scores"]["0"]
+    assert list(scores) == METHODS and all(len(v) == 6 for v in scores.values())
+    assert report["score"] == "RMSE" and not report["higher_is_better"]
+    # the zoo average ignores the descriptor: the GP beats it on the smoke zoo
+    assert sum(scores["ours"]) < sum(scores["zoo average"])
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "family_zero_shot.md").read_text().splitlines()[2:]}
+    assert list(rows) == METHODS
+    better = sum(o < m for o, m in zip(scores["ours"], scores["1-NN"])) / 6
+    assert rows["1-NN"].endswith(f"| {100 * better:.0f} % |")
