@@ -22,7 +22,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.function_space import FunctionSpaceGP
 from fedfuse.parallel import ParallelMap, serial_map
 from fedfuse.progress import progress_bar
-from fedfuse.readout import set_readout, solve_readout
+from fedfuse.readout import held_out_outputs, set_readout, solve_readout
 from fedfuse.zoo import ModelZoo, robust_scale
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Targets = tuple[Tensor, Tensor, Tensor]  # refinement probe, the zoo's outputs there, their scale
 DISTILL_STEPS = (0, 100, 300, 1000)  # the candidates for personalize(distill=True)
+READOUT_RIDGES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)  # the readout's, relative to its features' energy
 
 
 def fit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "MetaModel | None" = None) -> "MetaModel":
@@ -231,10 +232,10 @@ def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "M
     model.function_ = FunctionSpaceGP(kernel=model.kernel, seed=model.seed).fit(
         zoo.tau, model._signatures(zoo.weights), torch.tensor(zoo.n_examples, dtype=torch.float64),
         previous=previous.function_)
-    model.readout_ridge_ = previous.readout_ridge_
+    model.readout_ridge_, model.readout_errors_ = previous.readout_ridge_, {}
     model.distill_steps_, model.distill_errors_ = previous.distill_steps_, {}
     if model.distill_steps_ is None:  # the previous fit predates distillation: choose now
-        _set_distill_steps(model, zoo, gen)
+        _set_distill_steps(model, gen)
     model.refit_ = {"new_or_replaced": int((~unchanged).sum()), "carried_over": int(unchanged.sum())}
     model.fit_seconds_ = time.perf_counter() - start
     log.info("incremental refit of %d models (%d new or replaced) in %.1fs", len(zoo), int((~unchanged).sum()),
@@ -246,43 +247,44 @@ def _fit_function_space(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None,
     signatures = model._signatures(zoo.weights) if model.function_space else None
     model.function_ = None if signatures is None else FunctionSpaceGP(kernel=model.kernel, seed=model.seed).fit(
         zoo.tau, signatures, weights=torch.tensor(zoo.n_examples, dtype=torch.float64))
-    model.readout_ridge_ = model.readout_ridge
+    model.readout_ridge_, model.readout_errors_ = model.readout_ridge, {}
     if model.function_ is not None and model.probe_ is not None:
-        model.readout_ridge_ = _choose_readout_ridge(model, zoo, gen)
-    _set_distill_steps(model, zoo, gen)
+        model.readout_ridge_ = _choose_readout_ridge(model, gen)
+    _set_distill_steps(model, gen)
 
 
-def _set_distill_steps(model: "MetaModel", zoo: ModelZoo, gen: torch.Generator) -> None:
+def _set_distill_steps(model: "MetaModel", gen: torch.Generator) -> None:
     """``distill_steps_``: as given, or chosen on the zoo; 0 where there is nothing to distill
     (no function on probe inputs, or a bare vector: all readout, solved exactly)."""
     model.distill_steps_, model.distill_errors_ = 0, {}
     if model.function_ is None or model.probe_ is None or model.spec_.is_vector:
         return
-    model.distill_steps_ = _choose_distill_steps(model, zoo, gen) if model.distill_steps is None else model.distill_steps
+    model.distill_steps_ = _choose_distill_steps(model, gen) if model.distill_steps is None else model.distill_steps
 
 
 @torch.no_grad()
-def _simulated_devices(model: "MetaModel", zoo: ModelZoo, gen: torch.Generator, models: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+def _simulated_devices(model: "MetaModel", gen: torch.Generator, models: int) -> tuple[Tensor, Tensor]:
     """Up to ``models`` held-out zoo models as new devices: their leave-one-out predicted
-    functions on the probe ``(q, N, out)``, their own functions there (the truth) and their
-    decoded weights. No client data is involved."""
+    functions on the probe ``(q, N, out)`` and their decoded weights. No client data is involved."""
     fn, spec = model.function_, model.spec_
     pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=gen)[:models]]
-    shape = (len(pick), -1, spec.num_outputs)
-    mean = fn.loo_predictions(pick, nearby=False).mean.double().reshape(shape)
-    return mean, model._signatures(zoo.weights[pick]).double().reshape(shape), model.reconstruct()[pick]
+    mean = fn.loo_predictions(pick, nearby=False).mean.double().reshape(len(pick), -1, spec.num_outputs)
+    return mean, model.reconstruct()[pick]
+
+
+def _relative_error(out: Tensor, reference: Tensor, spread_of: Tensor) -> float:
+    """Mean over networks of ``|out - reference|`` relative to the spread of ``spread_of``
+    ``(q, N, out)`` over the whole probe."""
+    spread = (spread_of - spread_of.mean(1, keepdim=True)).norm(dim=(1, 2))
+    return float(((out.double() - reference).norm(dim=(1, 2)) / spread).mean())
 
 
 @torch.no_grad()
 def _held_out_error(model: "MetaModel", weights: Tensor, reference: Tensor) -> float:
-    """Mean error of the networks against ``reference`` ``(q, N, out)`` on the probe's odd
-    inputs (the ones a simulated device's readout is not solved on), relative to the spread of
-    ``reference`` over the whole probe."""
+    """Error of the networks against ``reference`` ``(q, N, out)`` on the probe's odd inputs
+    (the ones a simulated device's readout is not solved on)."""
     odd = slice(1, None, 2)
-    spread = (reference - reference.mean(1, keepdim=True)).norm(dim=(1, 2))
-    out = model.spec_.forward(weights, model.probe_[odd]).double()
-    return float(((out - reference[:, odd]).norm(dim=(1, 2)) / spread).mean())
+    return _relative_error(model.spec_.forward(weights, model.probe_[odd]), reference[:, odd], reference)
 
 
 def _solved_on_even(model: "MetaModel", base: Tensor, target: Tensor, ridge: float) -> Tensor:
@@ -291,17 +293,24 @@ def _solved_on_even(model: "MetaModel", base: Tensor, target: Tensor, ridge: flo
     return set_readout(spec, base, solve_readout(spec, base, model.probe_[even], target[:, even], ridge)[0])
 
 
-def _choose_readout_ridge(model: "MetaModel", zoo: ModelZoo, gen: torch.Generator, models: int = 96) -> float:
-    """The readout's ridge, chosen on simulated devices: a held-out zoo model is the truth, its
-    leave-one-out prediction the target, solved on every other probe input and judged on the
-    rest against the held-out model's own outputs."""
-    mean, truth, base = _simulated_devices(model, zoo, gen, models)
-    errors = {ridge: _held_out_error(model, _solved_on_even(model, base, mean, ridge), truth)
-              for ridge in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)}
-    return min(errors, key=errors.get)
+@torch.no_grad()
+def _choose_readout_ridge(model: "MetaModel", gen: torch.Generator, models: int = 96) -> float:
+    """The readout's ridge, chosen on simulated devices (held-out zoo models' decoded weights
+    and leave-one-out predicted functions): the one whose network best computes the predicted
+    function at each probe input its readout was not solved on (leave-one-out over the probe,
+    so it is solved on all inputs but one, as ``personalize`` solves it on all). Judged against
+    the prediction, as the distillation's step count is: the readout's job is to compute it,
+    and judged against the held-out model the GP's own error, which no ridge removes, favoured
+    ridges that blur the prediction towards the decoded network's (the step example: 1e-3
+    chosen, 1e-5 best for its new devices, RESULTS)."""
+    mean, base = _simulated_devices(model, gen, models)
+    errors = {ridge: _relative_error(held_out_outputs(model.spec_, base, model.probe_, mean, ridge), mean, mean)
+              for ridge in READOUT_RIDGES}
+    model.readout_errors_ = errors
+    return min(errors, key=lambda r: errors[r] if math.isfinite(errors[r]) else math.inf)  # a leverage of 1: unusable
 
 
-def _choose_distill_steps(model: "MetaModel", zoo: ModelZoo, gen: torch.Generator, models: int = 32) -> int:
+def _choose_distill_steps(model: "MetaModel", gen: torch.Generator, models: int = 32) -> int:
     """How long ``personalize(distill=True)`` trains, chosen on simulated devices: each starts
     from its readout solved on every other probe input, is distilled there (one run, snapshots
     at each candidate count), gets its readout solved again as ``personalize`` does, and is
@@ -310,7 +319,7 @@ def _choose_distill_steps(model: "MetaModel", zoo: ModelZoo, gen: torch.Generato
     Distillation is for computing the prediction; the prediction's own error against the
     held-out models is the GP's, and it is so much larger than what distillation moves (sine:
     3.4 % against at most 0.1 %) that scoring against them could not rank the step counts."""
-    mean, _, base = _simulated_devices(model, zoo, gen, models)
+    mean, base = _simulated_devices(model, gen, models)
     ridge, even = model.readout_ridge_, slice(0, None, 2)
     start = _solved_on_even(model, base, mean, ridge)
     snapshots = {0: start}

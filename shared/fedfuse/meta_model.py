@@ -406,6 +406,7 @@ class MetaModel:
         self.annotations_ = meta.get("annotations", {})
         self.perms_ = [tensors[f"perms.{li}"].long() for li in range(len(self.spec_.perm_sizes))]
         self.readout_ridge_ = meta["readout_ridge"]
+        self.readout_errors_: dict[float, float] = {}  # a diagnostic of the fit that chose it, not saved
         self.distill_steps_ = meta.get("distill_steps")  # None: a fit saved before distillation
         self.distill_errors_: dict[int, float] = {}  # a diagnostic of the fit that chose them, not saved
         if "function" in meta:

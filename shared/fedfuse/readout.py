@@ -39,6 +39,16 @@ def solve_readout(spec: Architecture, weights: Tensor, probe: Tensor, target: Te
     return a @ target.double() + lam * (inv @ get_readout(spec, weights).double()), a
 
 
+def held_out_outputs(spec: Architecture, weights: Tensor, probe: Tensor, target: Tensor, ridge: float) -> Tensor:
+    """``(q, N, out)``: each network's output at each probe input when its readout is solved (as
+    :func:`solve_readout` solves it) on every *other* probe input: the ridge regression's
+    closed-form leave-one-out, ``target - residual / (1 - leverage)``."""
+    readout, a = solve_readout(spec, weights, probe, target, ridge)
+    phi = design(spec, weights, probe)
+    leverage = (phi * a.transpose(-1, -2)).sum(-1, keepdim=True)  # the hat matrix's diagonal
+    return target - (target - phi @ readout) / (1 - leverage)
+
+
 def get_readout(spec: Architecture, weights: Tensor) -> Tensor:
     """``(q, h + 1, out)`` readout blocks of flat weights ``(q, d)``."""
     return weights[:, spec.readout_index]

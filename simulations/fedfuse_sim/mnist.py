@@ -212,7 +212,7 @@ def run_seed(cfg: MnistConfig, seed: int, data: tuple[Tensor, Tensor, Tensor, Te
                                                                        lower_is_better=False, group=("seed", "digits")),
              "selected": {"kernel": fits["ours"].function_.kernel_name_,
                           "kernel_loo": fits["ours"].function_.candidates_,
-                          "readout_ridge": fits["ours"].readout_ridge_,
+                          "readout_ridge": fits["ours"].readout_ridge_, "readout_errors": fits["ours"].readout_errors_,
                           "distill_steps": fits["ours"].distill_steps_, "distill_errors": fits["ours"].distill_errors_,
                           "nearby_covariance": [fits["ours"].function_.nearby_size_, fits["ours"].function_.nearby_shrink_],
                           "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}

@@ -107,6 +107,7 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
             recon[f"{dim}-dim"] = reconstruction(meta, items, users, ratings, sp)
             selected[f"{dim}-dim"] = {"kernel": meta.function_.kernel_name_, "kernel_loo": meta.function_.candidates_,
                                       "nearby_covariance": [meta.function_.nearby_size_, meta.function_.nearby_shrink_],
+                                      "readout_ridge": meta.readout_ridge_, "readout_errors": meta.readout_errors_,
                                       "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}
             bar.update(description=f"MovieLens {dim}-dim")
     return rows, {"timings": timings, "uncertainty": calib, "reconstruction_rmse": recon, "selected": selected}

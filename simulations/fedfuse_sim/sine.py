@@ -248,7 +248,7 @@ def run_seed(out: Path, cfg: SineConfig, seed: int, progress: bool) -> tuple[lis
              "worse_than_0shot_distilled": report.worse_than_zero_shot(rows, "ours, distilled", "nrmse",
                                                                        lower_is_better=True),
              "selected": {"kernel": ours.function_.kernel_name_, "kernel_loo": ours.function_.candidates_,
-                          "readout_ridge": ours.readout_ridge_,
+                          "readout_ridge": ours.readout_ridge_, "readout_errors": ours.readout_errors_,
                           "distill_steps": ours.distill_steps_, "distill_errors": ours.distill_errors_,
                           "nearby_covariance": [ours.function_.nearby_size_, ours.function_.nearby_shrink_],
                           "k-NN": {"k": neighbours.k_, "bandwidth": neighbours.h_}}}

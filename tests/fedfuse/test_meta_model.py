@@ -278,9 +278,10 @@ def test_readout_prior_is_the_function_space_predictive_mapped_through_the_reado
     cov = f @ f.transpose(1, 2) + torch.diag_embed(post.readout.diag.double())
     low_rank = a @ fs.transpose(1, 2) @ fs @ a.transpose(1, 2)
     off = ~torch.eye(cov.shape[-1], dtype=torch.bool)
-    assert torch.allclose(cov[:, off], low_rank[:, off], rtol=1e-3, atol=1e-8)  # the diagonal part stays diagonal
+    atol = 1e-6 * float(low_rank.abs().max())  # the map is applied in single precision: errors scale with the largest entry
+    assert torch.allclose(cov[:, off], low_rank[:, off], rtol=1e-3, atol=atol)  # the diagonal part stays diagonal
     full = a @ cov_fs @ a.transpose(1, 2)
-    assert torch.allclose(post.readout.variance.double(), torch.diagonal(full, dim1=1, dim2=2), rtol=1e-3, atol=1e-8)
+    assert torch.allclose(post.readout.variance.double(), torch.diagonal(full, dim1=1, dim2=2), rtol=1e-3, atol=atol)
 
 
 def test_a_vector_zoo_without_probe_reconstructs_its_uploads_with_their_own_readout():
@@ -358,25 +359,28 @@ def test_a_given_distill_step_count_is_used_and_a_fit_without_function_space_ref
         MetaModel(**FAST).fit(zoo).personalize([[2.0, 1.0]], distill=True)
 
 
-def test_the_readout_ridge_is_judged_on_the_probe_half_it_was_not_solved_on(fitted, small_sine_zoo):
+def test_the_readout_ridge_is_judged_against_the_prediction_at_probe_inputs_left_out(fitted):
     """The simulated devices' score, recomputed here from its definition: each held-out model's
-    readout solved for its leave-one-out prediction on the even probe inputs, its error against the
-    model's own outputs on the odd ones, relative to that model's spread over the whole probe."""
+    decoded network with its readout solved for the model's leave-one-out prediction on every
+    probe input but one, its error against that prediction at the one left out, relative to the
+    prediction's spread over the probe; the fit takes the smallest score's ridge."""
     from fedfuse import fitter
-    from fedfuse.readout import set_readout, solve_readout
+    from fedfuse.readout import held_out_outputs
 
-    _, zoo = small_sine_zoo
     fn, probe = fitted.function_, fitted.probe_
     pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(5))[:16]]
     mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
-    truth = sine.SPEC.forward(zoo.weights[pick], probe).double()
     base = fitted.reconstruct()[pick]
-    tuned = set_readout(sine.SPEC, base, solve_readout(sine.SPEC, base, probe[0::2], mean[:, 0::2], 1e-4)[0])
-    out = sine.SPEC.forward(tuned, probe[1::2]).double()
-    spread = (truth - truth.mean(1, keepdim=True)).norm(dim=(1, 2))
-    expected = float(((out - truth[:, 1::2]).norm(dim=(1, 2)) / spread).mean())
-    m, t, b = fitter._simulated_devices(fitted, zoo, torch.Generator().manual_seed(5), 16)
-    assert fitter._held_out_error(fitted, fitter._solved_on_even(fitted, b, m, 1e-4), t) == pytest.approx(expected, rel=1e-9)
+    spread = (mean - mean.mean(1, keepdim=True)).norm(dim=(1, 2))
+    expected = {r: float(((held_out_outputs(sine.SPEC, base, probe, mean, r) - mean).norm(dim=(1, 2)) / spread).mean())
+                for r in fitter.READOUT_RIDGES}
+    again = MetaModel(**FAST)
+    again.__dict__.update(fitted.__dict__)
+    chosen = fitter._choose_readout_ridge(again, torch.Generator().manual_seed(5), 16)
+    assert again.readout_errors_ == pytest.approx(expected, rel=1e-9)
+    assert chosen == min(expected, key=expected.get)
+    assert set(fitted.readout_errors_) == set(fitter.READOUT_RIDGES)
+    assert fitted.readout_ridge_ == min(fitted.readout_errors_, key=fitted.readout_errors_.get)
 
 
 def test_a_fit_saved_before_distillation_distills_nothing_until_an_incremental_refit_chooses(small_sine_zoo, tmp_path):

@@ -1,7 +1,7 @@
 import torch
 
 from fedfuse.architectures import MLPSpec, VectorSpec
-from fedfuse.readout import design, get_readout, set_readout, solve_readout
+from fedfuse.readout import design, get_readout, held_out_outputs, set_readout, solve_readout
 
 
 def test_outputs_are_the_design_times_the_readout():
@@ -46,6 +46,29 @@ def test_solve_readout_is_the_ridge_solution_and_its_map_carries_a_change_of_tar
     shift = torch.randn(3, 11, 2, generator=gen, dtype=torch.float64)
     moved, _ = solve_readout(spec, base, probe, target + shift, ridge)
     torch.testing.assert_close(moved - readout, a @ shift)
+
+
+def test_held_out_outputs_are_the_readouts_solved_without_each_probe_input():
+    """Brute force: the readout solved again on the other probe inputs, with the same ridge
+    strength (solve_readout scales the ridge by the features' mean energy, so it is rescaled)."""
+    spec = MLPSpec((2, 9, 3))
+    gen = torch.Generator().manual_seed(3)
+    base, probe = spec.init(2, gen), torch.randn(12, 2, generator=gen)
+    target = torch.randn(2, 12, 3, generator=gen, dtype=torch.float64)
+    ridge = 1e-3
+    got = held_out_outputs(spec, base, probe, target, ridge)
+    energy = lambda x: torch.diagonal(design(spec, base, x).transpose(1, 2) @ design(spec, base, x),  # noqa: E731
+                                      dim1=1, dim2=2).mean(1)
+    for i in range(12):
+        rest = torch.arange(12) != i
+        for j in range(2):  # each network's own ridge strength, rescaled to the other inputs
+            r = ridge * float(energy(probe)[j] / energy(probe[rest])[j])
+            readout, _ = solve_readout(spec, base[j:j + 1], probe[rest], target[j:j + 1, rest], r)
+            expected = design(spec, base[j:j + 1], probe[i:i + 1]) @ readout
+            torch.testing.assert_close(got[j:j + 1, i:i + 1], expected)
+    # with every input seen the outputs would be the solved fit; left out they are worse
+    solved = design(spec, base, probe) @ solve_readout(spec, base, probe, target, ridge)[0]
+    assert (got - target).norm() > (solved - target).norm()
 
 
 def test_a_bare_vector_is_all_readout():
