@@ -28,8 +28,9 @@ from fedfuse_sim import baselines
 from rule_transfer import zoo_of
 
 
-def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> dict[str, list[float]]:
-    """Every method's score per new device of one fresh zoo, and the fits' seconds."""
+def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> tuple[dict[str, list[float]], dict]:
+    """Every method's score per new device of one fresh zoo, and what each fit chose (the
+    readout's ridge and its scores) and how long it took."""
     zoo = zoo_of(family, devices, seed)
     probe = family.probe(seed)
     cfg = DeviceConfig(num_clients=devices, num_new=n_test, seed=seed, shots=0)
@@ -51,7 +52,9 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> dic
     scores["1-NN"] = score(baselines.nearest_neighbour(zoo.tau, zoo.weights, tau))
     scores["zoo average"] = score(baselines.zoo_average(zoo.weights, n_test))
     print(f"seed {seed}: fits {seconds['ours']:.0f} s (ours), {seconds['no-align']:.0f} s (no-align)", flush=True)
-    return scores
+    fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
+                   "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
+    return scores, fits
 
 
 def table(family: TaskFamily, per_seed: dict[int, dict[str, list[float]]]) -> list[str]:
@@ -79,14 +82,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     family = get_family(args.family)
-    per_seed = {seed: seed_scores(family, args.devices, args.n_test, seed) for seed in args.seeds}
+    results = {seed: seed_scores(family, args.devices, args.n_test, seed) for seed in args.seeds}
+    per_seed = {seed: scores for seed, (scores, _) in results.items()}
     lines = table(family, per_seed)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family_zero_shot.md").write_text("\n".join(lines) + "\n")
     (args.out / "family_zero_shot.json").write_text(json.dumps(
         {"family": args.family, "score": family.score.name, "higher_is_better": family.score.higher_is_better,
-         "devices": args.devices, "n_test": args.n_test, "scores": per_seed}, indent=1))
+         "devices": args.devices, "n_test": args.n_test, "scores": per_seed,
+         "fits": {seed: fits for seed, (_, fits) in results.items()}}, indent=1))
 
 
 if __name__ == "__main__":

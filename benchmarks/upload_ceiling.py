@@ -8,8 +8,8 @@ per K: (1) the uploads' K-way accuracy on their own tasks (MNIST test images of 
 class-subset coupling (each upload knows its classes' log-odds up to a per-image shift, so one
 10-way log-odds vector per image is fitted to all of them by least squares), weighting every
 upload alike or by the square of how many digits it shares with the task. The combination sees
-the test images themselves, which no server has, so it bounds what a warm start built from the
-uploads alone shows at 0 shots without a device's labels. With ``--bench`` (a `fedfuse bench
+the test images themselves, which no server has: a reference for what the uploads together
+show at 0 shots without a device's labels (one combiner, not a proof that none does better). With ``--bench`` (a `fedfuse bench
 mnist` output) the bench's ours, ours distilled and MAML rows are put next to it.
 Writes upload_ceiling.json and upload_ceiling.md.
 """

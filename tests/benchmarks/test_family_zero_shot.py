@@ -24,6 +24,10 @@ def test_every_method_is_scored_on_every_new_device(tmp_path):
     scores = report["scores"]["0"]
     assert list(scores) == METHODS and all(len(v) == 6 for v in scores.values())
     assert report["score"] == "RMSE" and not report["higher_is_better"]
+    from fedfuse.fitter import READOUT_RIDGES
+    fits = report["fits"]["0"]
+    assert set(fits) == {"ours", "no-align"}
+    assert all(f["readout_ridge"] in READOUT_RIDGES and len(f["readout_errors"]) == len(READOUT_RIDGES) for f in fits.values())
     # the zoo average ignores the descriptor: the GP beats it on the smoke zoo
     assert sum(scores["ours"]) < sum(scores["zoo average"])
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "family_zero_shot.md").read_text().splitlines()[2:]}

@@ -46,6 +46,19 @@ def test_a_model_weighted_zero_changes_nothing():
     torch.testing.assert_close(upload_ceiling.coupled_logits(logits, classes, weight), g - g.mean(1, keepdim=True))
 
 
+def test_a_weight_of_two_counts_as_the_model_twice():
+    """Models that disagree (no common log-odds), so the weights decide the answer."""
+    gen = torch.Generator().manual_seed(4)
+    _, classes = _subset_models(torch.zeros(3, 10, dtype=torch.float64), 30, seed=5)  # every digit linked
+    logits = torch.randn(30, 3, 10, generator=gen, dtype=torch.float64)
+    weight = 0.5 + torch.rand(30, generator=gen, dtype=torch.float64)
+    got = upload_ceiling.coupled_logits(logits, classes, weight)
+    twice = upload_ceiling.coupled_logits(torch.cat([logits, logits[:1]]), torch.cat([classes, classes[:1]]),
+                                          torch.cat([weight[:1] / 2, weight[1:], weight[:1] / 2]))
+    torch.testing.assert_close(got, twice)
+    assert not torch.allclose(got, upload_ceiling.coupled_logits(logits, classes, torch.ones(30)))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_report_scores_every_k(tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedfuse.architectures import MLPSpec, VectorSpec
@@ -48,14 +49,16 @@ def test_solve_readout_is_the_ridge_solution_and_its_map_carries_a_change_of_tar
     torch.testing.assert_close(moved - readout, a @ shift)
 
 
-def test_held_out_outputs_are_the_readouts_solved_without_each_probe_input():
+# fewer or more features than inputs; with more and a tiny ridge each input's leverage is near 1,
+# and the closed form divides the residual's rounding by 1 - leverage (about 1e-6 here)
+@pytest.mark.parametrize("hidden, ridge, rtol", [(9, 1e-3, 1e-7), (30, 1e-6, 1e-4)])
+def test_held_out_outputs_are_the_readouts_solved_without_each_probe_input(hidden, ridge, rtol):
     """Brute force: the readout solved again on the other probe inputs, with the same ridge
     strength (solve_readout scales the ridge by the features' mean energy, so it is rescaled)."""
-    spec = MLPSpec((2, 9, 3))
+    spec = MLPSpec((2, hidden, 3))
     gen = torch.Generator().manual_seed(3)
     base, probe = spec.init(2, gen), torch.randn(12, 2, generator=gen)
     target = torch.randn(2, 12, 3, generator=gen, dtype=torch.float64)
-    ridge = 1e-3
     got = held_out_outputs(spec, base, probe, target, ridge)
     energy = lambda x: torch.diagonal(design(spec, base, x).transpose(1, 2) @ design(spec, base, x),  # noqa: E731
                                       dim1=1, dim2=2).mean(1)
@@ -65,7 +68,7 @@ def test_held_out_outputs_are_the_readouts_solved_without_each_probe_input():
             r = ridge * float(energy(probe)[j] / energy(probe[rest])[j])
             readout, _ = solve_readout(spec, base[j:j + 1], probe[rest], target[j:j + 1, rest], r)
             expected = design(spec, base[j:j + 1], probe[i:i + 1]) @ readout
-            torch.testing.assert_close(got[j:j + 1, i:i + 1], expected)
+            torch.testing.assert_close(got[j:j + 1, i:i + 1], expected, rtol=rtol, atol=rtol)
     # with every input seen the outputs would be the solved fit; left out they are worse
     solved = design(spec, base, probe) @ solve_readout(spec, base, probe, target, ridge)[0]
     assert (got - target).norm() > (solved - target).norm()
