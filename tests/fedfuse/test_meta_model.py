@@ -359,20 +359,23 @@ def test_a_given_distill_step_count_is_used_and_a_fit_without_function_space_ref
         MetaModel(**FAST).fit(zoo).personalize([[2.0, 1.0]], distill=True)
 
 
-def test_the_readout_ridge_is_judged_against_the_prediction_at_probe_inputs_left_out(fitted):
+def test_the_readout_ridge_is_judged_against_the_held_out_upload_at_probe_inputs_left_out(fitted):
     """The simulated devices' score, recomputed here from its definition: each held-out model's
-    decoded network with its readout solved for the model's leave-one-out prediction on every
-    probe input but one, its error against that prediction at the one left out, relative to the
-    prediction's spread over the probe; the fit takes the smallest score's ridge."""
+    network decoded at its leave-one-out code, with its readout solved for the model's
+    leave-one-out prediction on every probe input but one, its error against the model's own
+    upload at the one left out, relative to the upload's spread over the probe; the fit takes
+    the smallest score's ridge."""
     from fedfuse import fitter
     from fedfuse.readout import held_out_outputs
 
-    fn, probe = fitted.function_, fitted.probe_
+    fn, probe, module = fitted.function_, fitted.probe_, fitted.module_
     pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(5))[:16]]
     mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
-    base = fitted.reconstruct()[pick]
-    spread = (mean - mean.mean(1, keepdim=True)).norm(dim=(1, 2))
-    expected = {r: float(((held_out_outputs(sine.SPEC, base, probe, mean, r) - mean).norm(dim=(1, 2)) / spread).mean())
+    own = (fn.y_[pick] + fn.mu_)[..., None]
+    with torch.no_grad():
+        base = module.decode_mean(module.prior.loo_mean(module.codes.mean.detach(), pick))
+    spread = (own - own.mean(1, keepdim=True)).norm(dim=(1, 2))
+    expected = {r: float(((held_out_outputs(sine.SPEC, base, probe, mean, r) - own).norm(dim=(1, 2)) / spread).mean())
                 for r in fitter.READOUT_RIDGES}
     again = MetaModel(**FAST)
     again.__dict__.update(fitted.__dict__)
@@ -381,6 +384,37 @@ def test_the_readout_ridge_is_judged_against_the_prediction_at_probe_inputs_left
     assert chosen == min(expected, key=expected.get)
     assert set(fitted.readout_errors_) == set(fitter.READOUT_RIDGES)
     assert fitted.readout_ridge_ == min(fitted.readout_errors_, key=fitted.readout_errors_.get)
+    # the model's own fitted code would decode its upload, readout included: not what a new device gets
+    assert not torch.allclose(base, fitted.reconstruct()[pick], atol=1e-3)
+
+
+def test_a_zoo_of_one_keeps_the_given_ridge_and_the_fast_path(small_sine_zoo):
+    """With one model there is none to hold out: the ridge as given, no distillation unless
+    given; two models are enough to choose both."""
+    from fedfuse import fitter
+
+    _, zoo = small_sine_zoo
+    settings = {**FAST, "max_rounds": 1, "min_rounds": 1, "readout_ridge": 3e-4}
+    one = MetaModel(**settings).fit(zoo.subset([0]), probe=PROBE)
+    assert one.readout_ridge_ == 3e-4 and one.readout_errors_ == {} and one.distill_steps_ == 0
+    assert torch.isfinite(one.personalize([[2.0, 1.0]], distill=True).mean).all()
+    assert MetaModel(**settings, distill_steps=5).fit(zoo.subset([0]), probe=PROBE).distill_steps_ == 5
+    two = MetaModel(**settings).fit(zoo.subset([0, 1]), probe=PROBE)
+    assert set(two.readout_errors_) == set(fitter.READOUT_RIDGES) and set(two.distill_errors_) == set(fitter.DISTILL_STEPS)
+
+
+def test_class_logits_are_judged_by_their_probabilities():
+    """An upload's logits mean something only up to a shift per input: a network that differs
+    from it by one scores 0, one that ranks the classes differently does not; values are
+    judged by their relative error."""
+    from fedfuse import fitter
+
+    own = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    classes, values = MetaModel(likelihood="softmax"), MetaModel()
+    shifted = own + torch.randn(3, 5, 1, dtype=torch.float64)
+    assert fitter._upload_error(classes, shifted, own) == pytest.approx(0.0, abs=1e-12)
+    assert fitter._upload_error(classes, own.flip(-1), own) > 0.01
+    assert fitter._upload_error(values, shifted, own) > 0.1
 
 
 def test_a_fit_saved_before_distillation_distills_nothing_until_an_incremental_refit_chooses(small_sine_zoo, tmp_path):

@@ -161,3 +161,32 @@ def test_kmeans_seeding_is_scipys_kmeans_plus_plus():
     assert np.array_equal(ours.numpy(), centres[used]) and len(used) == len(ours)
     assert np.array_equal(np.unique(our_labels.numpy(), return_counts=True)[1],
                           np.unique(labels, return_counts=True)[1])
+
+
+def test_leave_one_out_codes_equal_the_exact_gp_refitted_without_each_task():
+    """Each task's code predicted from the others alone (the exact GP with the prior's kernel
+    and noise, refitted without it here by brute force); with fewer neighbours, from its
+    nearest others by the kernel's mean lengthscales."""
+    tau, mu, _ = _data(n=20)
+    e = mu.shape[1]
+    pic = SparseLocalizedGP.from_descriptors(tau, e, num_inducing=8, num_blocks=2)
+    with torch.no_grad():
+        pic.kernel.base_kernel.lengthscale = torch.tensor([[[0.7, 1.6]], [[1.1, 0.9]], [[2.0, 0.5]]])
+    index = torch.tensor([0, 7, 19])
+
+    def exact_without(i, others):
+        x = tau.double()[others].expand(e, -1, -1)
+        k = pic.kernel.forward(x, x) + pic.noise[:, None, None] * torch.eye(len(others), dtype=torch.float64)
+        ks = pic.kernel.forward(tau.double()[i : i + 1].expand(e, -1, -1), x)
+        return (ks @ torch.linalg.solve(k, mu.double()[others].T[..., None]))[:, 0, 0].detach()
+
+    everyone = torch.stack([exact_without(i, [j for j in range(20) if j != i]) for i in index.tolist()])
+    torch.testing.assert_close(pic.loo_mean(mu, index), everyone.float(), rtol=1e-4, atol=1e-5)
+    scaled = tau.double() / pic.kernel.base_kernel.lengthscale.detach().mean(0)
+    nearest = []
+    for i in index.tolist():
+        d = (scaled - scaled[i]).norm(dim=1)
+        d[i] = float("inf")
+        nearest.append(exact_without(i, d.argsort()[:5].tolist()))
+    torch.testing.assert_close(pic.loo_mean(mu, index, neighbours=5), torch.stack(nearest).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pic.loo_mean(mu, index), mu[index], atol=1e-2)  # its own code is not used
