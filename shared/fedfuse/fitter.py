@@ -217,7 +217,9 @@ def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "M
            start: float) -> "MetaModel":
     """An incremental refit: the previous fit carried over, ``refit_rounds`` joint rounds without
     hyperparameter steps that realign only the new or replaced models, the function-space GP
-    reconditioned with its kernel kept."""
+    reconditioned with its kernel kept, the readout's ridge chosen again (it depends on how
+    rough the prediction is, so on the zoo's size); distillation's step count is kept (its
+    choice trains 32 networks: a full refit re-chooses it)."""
     torch.manual_seed(model.seed)
     pmap = model.pmap or serial_map
     model._build(zoo.spec, list(zoo.ids), previous.tau_loc_, previous.tau_scale_, zoo.tau, probe)
@@ -232,7 +234,7 @@ def _refit(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None, previous: "M
     model.function_ = FunctionSpaceGP(kernel=model.kernel, seed=model.seed).fit(
         zoo.tau, model._signatures(zoo.weights), torch.tensor(zoo.n_examples, dtype=torch.float64),
         previous=previous.function_)
-    model.readout_ridge_, model.readout_errors_ = previous.readout_ridge_, {}
+    _set_readout_ridge(model, gen, previous.readout_ridge_)
     model.distill_steps_, model.distill_errors_ = previous.distill_steps_, {}
     if model.distill_steps_ is None:  # the previous fit predates distillation: choose now
         _set_distill_steps(model, gen)
@@ -247,10 +249,16 @@ def _fit_function_space(model: "MetaModel", zoo: ModelZoo, probe: Tensor | None,
     signatures = model._signatures(zoo.weights) if model.function_space else None
     model.function_ = None if signatures is None else FunctionSpaceGP(kernel=model.kernel, seed=model.seed).fit(
         zoo.tau, signatures, weights=torch.tensor(zoo.n_examples, dtype=torch.float64))
-    model.readout_ridge_, model.readout_errors_ = model.readout_ridge, {}
-    if model.function_ is not None and model.probe_ is not None and len(zoo) > 1:  # one model: none to hold out
-        model.readout_ridge_ = _choose_readout_ridge(model, gen)
+    _set_readout_ridge(model, gen, model.readout_ridge)
     _set_distill_steps(model, gen)
+
+
+def _set_readout_ridge(model: "MetaModel", gen: torch.Generator, ridge: float) -> None:
+    """``readout_ridge_``: chosen on the zoo's simulated devices, or ``ridge`` where there is no
+    function on probe inputs or no model to hold out (a zoo of one)."""
+    model.readout_ridge_, model.readout_errors_ = ridge, {}
+    if model.function_ is not None and model.probe_ is not None and len(model.ids_) > 1:
+        model.readout_ridge_ = _choose_readout_ridge(model, gen)
 
 
 def _set_distill_steps(model: "MetaModel", gen: torch.Generator) -> None:
@@ -337,8 +345,8 @@ def _choose_distill_steps(model: "MetaModel", gen: torch.Generator, models: int 
     predicted function (one run, snapshots at each candidate count), gets its readout solved
     again as ``personalize`` does, and is judged on the odd inputs against the held-out
     upload. Distilling computes the prediction more exactly, which helps where the prediction
-    is good and copies its roughness where it is not (small zoos: 0 steps, where judged
-    against the prediction itself the longest run had looked best)."""
+    is good and copies its roughness where it is not (the bump example with 50 devices: 0
+    steps, where judged against the prediction itself the longest run had looked best)."""
     mean, base, own = _simulated_devices(model, gen, models)
     ridge, even = model.readout_ridge_, slice(0, None, 2)
     start = _solved_on_even(model, base, mean, ridge)

@@ -347,19 +347,21 @@ class SparseLocalizedGP(nn.Module):
     def loo_mean(self, codes: Tensor, index: Tensor, neighbours: int = 256, chunk: int = 16) -> Tensor:
         """``(q, e)``: the codes of training tasks ``index`` predicted from the *other* tasks'
         ``codes`` ``(n, e)`` by the exact GP with this prior's kernel and noise, on each task's
-        ``neighbours`` nearest others (all of them in zoos up to ``neighbours + 1``): what a new
-        task at their descriptor is decoded from, without their own fitted code."""
+        ``neighbours`` nearest others (all of them in zoos up to ``neighbours + 1``): close to
+        what a new task at their descriptor is decoded from (the PIC predictive approximates
+        the same GP), without their own fitted code."""
         n, e = codes.shape
-        if n < 2:
-            raise ValueError("a leave-one-out prediction needs at least two tasks")
+        if n < 2 or neighbours < 1:
+            raise ValueError("a leave-one-out prediction needs at least two tasks and one neighbour")
         x, y = self.tau, codes.double()
         scaled = x / self.kernel.base_kernel.lengthscale.detach().mean(0)  # (n, D): the dims' mean lengthscales
-        dist = torch.cdist(scaled[index], scaled)
-        dist[torch.arange(len(index)), index] = math.inf
-        near = dist.topk(min(neighbours, n - 1), largest=False).indices  # (q, m)
-        noise = self.noise.detach()[:, None, None] * torch.eye(near.shape[1], dtype=torch.float64)
+        m = min(neighbours, n - 1)
+        noise = self.noise.detach()[:, None, None] * torch.eye(m, dtype=torch.float64)
         out = []
-        for rows, part in zip(index.split(chunk), near.split(chunk)):
+        for rows in index.split(chunk):  # distances per chunk: (chunk, n), not (q, n), on large zoos
+            dist = torch.cdist(scaled[rows], scaled)
+            dist[torch.arange(len(rows)), rows] = math.inf
+            part = dist.topk(m, largest=False).indices  # (c, m)
             others = x[part][:, None].expand(-1, e, -1, -1)  # (c, e, m, D)
             k = self._k(others, others) + noise
             ks = self._k(x[rows][:, None, None, :].expand(-1, e, -1, -1), others)  # (c, e, 1, m)

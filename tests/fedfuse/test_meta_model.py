@@ -224,6 +224,8 @@ def test_a_cnn_zoo_fits_and_personalizes():
 
 
 def test_an_incremental_refit_fits_new_models_into_the_previous_fit(small_sine_zoo):
+    from fedfuse.fitter import READOUT_RIDGES
+
     _, zoo = small_sine_zoo
     settings = {**FAST, "max_rounds": 2}
     old = zoo.subset(range(26))
@@ -233,6 +235,7 @@ def test_an_incremental_refit_fits_new_models_into_the_previous_fit(small_sine_z
     assert refit.refit_ == {"new_or_replaced": 4, "carried_over": 26}
     assert refit.ids_ == grown.ids and len(refit.history_) == len(before.history_) + refit.n_rounds_
     assert refit.function_.kernel_name_ == before.function_.kernel_name_
+    assert set(refit.readout_errors_) == set(READOUT_RIDGES)  # the ridge moves with the zoo: chosen again
     # the carried-over models keep their alignments; only the new ones are (re)solved
     assert all(torch.equal(p_new[:26], p_old) for p_new, p_old in zip(refit.perms_, before.perms_))
     full = MetaModel(**settings).fit(grown, probe=PROBE)
@@ -386,6 +389,35 @@ def test_the_readout_ridge_is_judged_against_the_held_out_upload_at_probe_inputs
     assert fitted.readout_ridge_ == min(fitted.readout_errors_, key=fitted.readout_errors_.get)
     # the model's own fitted code would decode its upload, readout included: not what a new device gets
     assert not torch.allclose(base, fitted.reconstruct()[pick], atol=1e-3)
+
+
+def test_distillation_steps_are_judged_against_the_held_out_upload(fitted):
+    """The step count's score, recomputed from its definition: each simulated device (decoded
+    at its leave-one-out code) solved and distilled towards its leave-one-out prediction on
+    the probe's even inputs, its readout solved again, its error against its own upload on the
+    odd inputs relative to the upload's spread there; the smallest score's count is taken."""
+    from fedfuse import fitter
+    from fedfuse.readout import set_readout, solve_readout
+
+    fn, probe, module = fitted.function_, fitted.probe_, fitted.module_
+    pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(3))[:8]]
+    mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
+    own = (fn.y_[pick] + fn.mu_)[..., None]
+    with torch.no_grad():
+        base = module.decode_mean(module.prior.loo_mean(module.codes.mean.detach(), pick))
+    even, odd, ridge = slice(0, None, 2), slice(1, None, 2), fitted.readout_ridge_
+    solved = lambda w: set_readout(sine.SPEC, w, solve_readout(sine.SPEC, w, probe[even], mean[:, even], ridge)[0])  # noqa: E731
+    spread = (own[:, odd] - own[:, odd].mean(1, keepdim=True)).norm(dim=(1, 2))
+    expected = {}
+    for steps in fitter.DISTILL_STEPS:
+        w = solved(fitted._distilled(solved(base), mean[:, even], probe[even], steps))
+        out = sine.SPEC.forward(w, probe[odd]).double()
+        expected[steps] = float(((out - own[:, odd]).norm(dim=(1, 2)) / spread).mean())
+    again = MetaModel(**FAST)
+    again.__dict__.update(fitted.__dict__)
+    chosen = fitter._choose_distill_steps(again, torch.Generator().manual_seed(3), 8)
+    assert again.distill_errors_ == pytest.approx(expected, rel=1e-4)
+    assert chosen == min(expected, key=expected.get)
 
 
 def test_a_zoo_of_one_keeps_the_given_ridge_and_the_fast_path(small_sine_zoo):

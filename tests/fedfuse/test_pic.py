@@ -170,9 +170,11 @@ def test_leave_one_out_codes_equal_the_exact_gp_refitted_without_each_task():
     tau, mu, _ = _data(n=20)
     e = mu.shape[1]
     pic = SparseLocalizedGP.from_descriptors(tau, e, num_inducing=8, num_blocks=2)
-    with torch.no_grad():
+    with torch.no_grad():  # every code dimension its own lengthscales, scale and noise
         pic.kernel.base_kernel.lengthscale = torch.tensor([[[0.7, 1.6]], [[1.1, 0.9]], [[2.0, 0.5]]])
-    index = torch.tensor([0, 7, 19])
+        pic.kernel.outputscale = torch.tensor([0.5, 1.0, 2.5])
+        pic.raw_noise.copy_(torch.tensor([-3.0, -1.0, 0.5]))
+    index = torch.tensor([0, 7, 19, 7])  # chunks of 2, a task asked twice
 
     def exact_without(i, others):
         x = tau.double()[others].expand(e, -1, -1)
@@ -181,7 +183,7 @@ def test_leave_one_out_codes_equal_the_exact_gp_refitted_without_each_task():
         return (ks @ torch.linalg.solve(k, mu.double()[others].T[..., None]))[:, 0, 0].detach()
 
     everyone = torch.stack([exact_without(i, [j for j in range(20) if j != i]) for i in index.tolist()])
-    torch.testing.assert_close(pic.loo_mean(mu, index), everyone.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pic.loo_mean(mu, index, chunk=2), everyone.float(), rtol=1e-4, atol=1e-5)
     scaled = tau.double() / pic.kernel.base_kernel.lengthscale.detach().mean(0)
     nearest = []
     for i in index.tolist():
@@ -190,3 +192,7 @@ def test_leave_one_out_codes_equal_the_exact_gp_refitted_without_each_task():
         nearest.append(exact_without(i, d.argsort()[:5].tolist()))
     torch.testing.assert_close(pic.loo_mean(mu, index, neighbours=5), torch.stack(nearest).float(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(pic.loo_mean(mu, index), mu[index], atol=1e-2)  # its own code is not used
+    two = SparseLocalizedGP.from_descriptors(tau[:2], e, num_inducing=2, num_blocks=1)
+    torch.testing.assert_close(two.loo_mean(mu[:2], torch.tensor([1])),  # the other task alone
+                               (two.kernel.forward(tau[1:2].double().expand(e, -1, -1), tau[:1].double().expand(e, -1, -1))[:, 0, 0]
+                                * mu[0].double() / (two.kernel.outputscale + two.noise)).detach()[None].float())
