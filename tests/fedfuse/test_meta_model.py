@@ -362,6 +362,19 @@ def test_a_given_distill_step_count_is_used_and_a_fit_without_function_space_ref
         MetaModel(**FAST).fit(zoo).personalize([[2.0, 1.0]], distill=True)
 
 
+def _simulated_devices(fitted, seed, count):
+    """The fit's simulated devices, from their definition: ``count`` held-out zoo models drawn
+    as the fit draws them, their leave-one-out predictions, their uploads' own functions and
+    the networks decoded at their leave-one-out codes."""
+    fn, module = fitted.function_, fitted.module_
+    pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(seed))[:count]]
+    mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
+    own = (fn.y_[pick] + fn.mu_)[..., None]
+    with torch.no_grad():
+        base = module.decode_mean(module.prior.loo_mean(module.codes.mean.detach(), pick))
+    return pick, mean, own, base
+
+
 def test_the_readout_ridge_is_judged_against_the_held_out_upload_at_probe_inputs_left_out(fitted):
     """The simulated devices' score, recomputed here from its definition: each held-out model's
     network decoded at its leave-one-out code, with its readout solved for the model's
@@ -371,12 +384,8 @@ def test_the_readout_ridge_is_judged_against_the_held_out_upload_at_probe_inputs
     from fedfuse import fitter
     from fedfuse.readout import held_out_outputs
 
-    fn, probe, module = fitted.function_, fitted.probe_, fitted.module_
-    pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(5))[:16]]
-    mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
-    own = (fn.y_[pick] + fn.mu_)[..., None]
-    with torch.no_grad():
-        base = module.decode_mean(module.prior.loo_mean(module.codes.mean.detach(), pick))
+    probe = fitted.probe_
+    pick, mean, own, base = _simulated_devices(fitted, 5, 16)
     spread = (own - own.mean(1, keepdim=True)).norm(dim=(1, 2))
     expected = {r: float(((held_out_outputs(sine.SPEC, base, probe, mean, r) - own).norm(dim=(1, 2)) / spread).mean())
                 for r in fitter.READOUT_RIDGES}
@@ -399,12 +408,8 @@ def test_distillation_steps_are_judged_against_the_held_out_upload(fitted):
     from fedfuse import fitter
     from fedfuse.readout import set_readout, solve_readout
 
-    fn, probe, module = fitted.function_, fitted.probe_, fitted.module_
-    pick = fn.loo_index_[torch.randperm(len(fn.loo_index_), generator=torch.Generator().manual_seed(3))[:8]]
-    mean = fn.loo_predictions(pick, nearby=False).mean.double()[..., None]
-    own = (fn.y_[pick] + fn.mu_)[..., None]
-    with torch.no_grad():
-        base = module.decode_mean(module.prior.loo_mean(module.codes.mean.detach(), pick))
+    probe = fitted.probe_
+    pick, mean, own, base = _simulated_devices(fitted, 3, 8)
     even, odd, ridge = slice(0, None, 2), slice(1, None, 2), fitted.readout_ridge_
     solved = lambda w: set_readout(sine.SPEC, w, solve_readout(sine.SPEC, w, probe[even], mean[:, even], ridge)[0])  # noqa: E731
     spread = (own[:, odd] - own[:, odd].mean(1, keepdim=True)).norm(dim=(1, 2))
