@@ -20,7 +20,7 @@ family's new devices worse at every shot count (pooled over seeds): the pseudo-d
 the harm real devices meet, and the family's new devices are a validation set no benchmark
 scores. ``--also runs/.../rule_transfer.json ...``: other families' reports of the same path,
 which the choice must pass as well, each family on its own (``RULES`` is validated on the bump
-and the step family of ``simulations/examples/bump_family``).
+and the step family of ``simulations/examples/bump_family``; its wave family checks it out of sample).
 
 Writes rule_transfer.json and rule_transfer.md. The family's new devices validate ``RULES`` (with
 ``--sine``); the sine benchmark's test tasks never enter, and nothing else here is a setting.

@@ -3,6 +3,7 @@ fresh zoo's pseudo-devices and on new devices, and answers that are known whatev
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,31 @@ def test_the_step_validation_family_has_noisy_shots_and_is_scored_against_the_no
         assert 0.03 < float(noise.std()) < 0.07  # NOISE on the examples and shots
         assert torch.equal(d.y_eval, step(tau, d.x_eval)[0])  # none where the device is scored
     assert new_device.tau != family.simulated_device(4, cfg).tau  # new devices differ
+
+
+def test_the_wave_validation_family_has_two_inputs_noisy_shots_and_is_scored_off_the_probe():
+    from bump_family.waves import wave  # the example package, installed by the Makefile
+
+    family = get_family("bump_family.waves:WaveFamily")
+    cfg = DeviceConfig(num_clients=4, num_new=2, seed=1, shots=20)
+    zoo_device, new_device = family.simulated_device(0, cfg), family.simulated_device(5, cfg)
+    assert new_device.x.shape == (20, 2) and zoo_device.x.shape == (100, 2)
+    probe = family.probe()
+    assert probe.shape == (64, 2) and family.arch.sizes[0] == 2
+    for d in (zoo_device, new_device):
+        family.descriptor.check(d.tau)  # raises outside the domain
+        tau = torch.tensor([d.tau])
+        noise = d.y - wave(tau, d.x)[0]
+        assert 0.07 < float(noise.std()) < 0.13  # NOISE on the examples and shots
+        assert torch.equal(d.y_eval, wave(tau, d.x_eval)[0])  # none where the device is scored
+        # scored on a finer grid than the probe: only its corners are probe inputs
+        shared = (d.x_eval[:, None] == probe[None]).all(-1).any(1)
+        assert d.x_eval.shape == (400, 2) and int(shared.sum()) == 4
+    # a wave along x1 with phase 0 is odd in x1 and flat along x2
+    tau = torch.tensor([[1.5, 0.0, 1.0, 0.0]])
+    x = torch.tensor([[0.7, -1.0], [-0.7, 1.3]])
+    y = wave(tau, x)[0, :, 0]
+    assert torch.allclose(y, torch.tensor([1.5 * math.sin(0.7), -1.5 * math.sin(0.7)]))
 
 
 def test_the_rule_transfer_report_refuses_a_family_without_squared_error(tmp_path):

@@ -20,6 +20,7 @@ FAMILIES = {  # family: (overrides, whether ours beats a cold start at 0 shots e
     "movielens": (dict(shots=5), False),
     "bump_family:BumpFamily": (dict(train_steps=300, shots=8), True),
     "bump_family.steps:StepFamily": (dict(train_steps=300, shots=8), False),
+    "bump_family.waves:WaveFamily": (dict(train_steps=300, shots=8), False),  # two inputs
 }
 
 

@@ -3,7 +3,8 @@
 Run it through Flower with ``--run-config "family='bump_family:BumpFamily'"`` once this package
 is installed next to fedfuse (``pip install -e simulations/examples/bump_family``). Nothing in
 fedfuse names it: the server and the devices learn everything from the family object.
-``bump_family.steps:StepFamily`` is a second one, unlike it (noisy smooth steps, a ReLU net).
+``bump_family.steps:StepFamily`` is a second one, unlike it (noisy smooth steps, a ReLU net), and
+``bump_family.waves:WaveFamily`` a third (noisy plane waves on a square: two inputs).
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""A third user family, unlike the bump and the step: each device fits a noisy plane wave on a
+square, ``y = a sin(k (x1 cos t + x2 sin t) + p)``, with a tanh net of two inputs.
+
+It exists to validate the squared-error device's acceptance rule (``RULES``) on a family whose
+new devices the rule has not been chosen or checked on: two inputs (the probe a coarse 8 x 8 grid
+of the square, the new devices scored on a finer 20 x 20 one that the probe does not contain), a
+four-number descriptor, and label noise on the devices' examples and shots
+(``benchmarks/rule_transfer.py --family bump_family.waves:WaveFamily``). Devices are scored
+against the noiseless wave.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fedfuse.architectures import MLPSpec
+from fedfuse.tasks import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
+
+HALF_WIDTH = 2.0  # the square [-2, 2]^2
+NOISE = 0.1
+
+
+def wave(tau: Tensor, x: Tensor) -> Tensor:
+    """``(q, N, 1)`` values of the waves ``tau = (amplitude, direction, wavenumber, phase)``
+    ``(q, 4)`` at ``x`` ``(N, 2)`` or ``(q, N, 2)``."""
+    a, t, k, p = (tau[:, i, None] for i in range(4))
+    along = x[..., 0] * torch.cos(t) + x[..., 1] * torch.sin(t)
+    return (a * torch.sin(k * along + p))[..., None]
+
+
+def grid(points: int) -> Tensor:
+    """``(points**2, 2)``: a regular grid of the square, corners included."""
+    side = torch.linspace(-HALF_WIDTH, HALF_WIDTH, points)
+    return torch.cartesian_prod(side, side)
+
+
+class WaveFamily(TaskFamily):
+    """Waves of amplitude 0.5-2, direction 0-pi, wavenumber 0.5-2, phase 0-pi; a [2-40-40-1] tanh
+    net per device, 100 noisy examples each."""
+
+    name = "wave"
+    arch = MLPSpec((2, 40, 40, 1), activation="tanh")
+    descriptor = DescriptorSpec(("amplitude", "direction", "wavenumber", "phase"), (0.5, 0.0, 0.5, 0.0),
+                                (2.0, math.pi, 2.0, math.pi))
+    loss = "mse"
+    score = Score("RMSE", higher_is_better=False)
+    recipe = Recipe(train_steps=800, train_lr=1e-2, finetune_steps=300, finetune_lr=1e-2)
+    meta_settings = {"hidden": (64,), "max_rounds": 4, "steps_per_round": 150}
+
+    def _tasks(self, n: int, seed: int) -> Tensor:
+        return self.descriptor.uniform(n, torch.Generator().manual_seed(seed))
+
+    def _examples(self, tau: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        x = HALF_WIDTH * (2 * torch.rand(n, 2, generator=gen) - 1)
+        return x, wave(tau, x)[0] + NOISE * torch.randn(n, 1, generator=gen)
+
+    def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
+        x_eval = grid(20)
+        if index < cfg.num_clients:
+            tau = self._tasks(cfg.num_clients, cfg.seed)[index : index + 1]
+            x, y = self._examples(tau, 100, cfg.seed * 1000 + index)
+            return LocalData(f"wave-{index:04d}", "zoo", tau[0].tolist(), x, y, x_eval, wave(tau, x_eval)[0])
+        j = index - cfg.num_clients
+        tau = self._tasks(max(cfg.num_new, j + 1), cfg.seed + 9973)[j : j + 1]
+        x, y = self._examples(tau, cfg.shots, cfg.seed * 1000 + 500 + j)
+        return LocalData(f"new-wave-{j:04d}", "new", tau[0].tolist(), x, y, x_eval, wave(tau, x_eval)[0])
+
+    def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
+        with torch.no_grad():
+            return ((self.arch.forward(weights, data.x_eval) - data.y_eval) ** 2).mean(dim=(-1, -2)).sqrt()
+
+    def probe(self, seed: int = 0) -> Tensor:
+        return grid(8)
