@@ -42,10 +42,11 @@ def test_sigkill_during_writes_keeps_every_acknowledged_upload(tmp_path):
     for attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start)],
                                 stdout=subprocess.PIPE, text=True)
-        time.sleep(1.5 + rng.random() * 1.5)  # import time plus a random moment of writing
+        first = proc.stdout.readline()  # imports done, writing begins (a fixed sleep was too short on a slow machine)
+        time.sleep(0.2 + rng.random() * 1.5)  # a random moment of writing
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        for line in out.splitlines():
+        for line in (first + out).splitlines():
             kind, cid, seq = line.split()
             if kind == "ack":
                 acked[cid] = max(acked.get(cid, -1), int(seq))
