@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bump_family import CurveFamily
 from fedfuse.architectures import MLPSpec
-from fedfuse.tasks import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
+from fedfuse.tasks import DescriptorSpec
 
 X_RANGE = (-5.0, 5.0)
 NOISE = 0.05
@@ -26,41 +27,22 @@ def step(tau: Tensor, x: Tensor) -> Tensor:
     return a * torch.tanh((x - c) / s) + b
 
 
-class StepFamily(TaskFamily):
+class StepFamily(CurveFamily):
     """Steps of size 0.5-2, centre -3..3, width 0.2-1.5, offset -1..1; a [1-40-40-1] ReLU net
     per device, 100 noisy examples each."""
 
     name = "step"
     arch = MLPSpec((1, 40, 40, 1), activation="relu")
     descriptor = DescriptorSpec(("size", "centre", "width", "offset"), (0.5, -3.0, 0.2, -1.0), (2.0, 3.0, 1.5, 1.0))
-    loss = "mse"
-    score = Score("RMSE", higher_is_better=False)
-    recipe = Recipe(train_steps=800, train_lr=1e-2, finetune_steps=300, finetune_lr=1e-2)
-    meta_settings = {"hidden": (64,), "max_rounds": 4, "steps_per_round": 150}
 
-    def _tasks(self, n: int, seed: int) -> Tensor:
-        return self.descriptor.uniform(n, torch.Generator().manual_seed(seed))
+    def function(self, tau: Tensor, x: Tensor) -> Tensor:
+        return step(tau, x)
 
     def _examples(self, tau: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(seed)
         lo, hi = X_RANGE
         x = lo + (hi - lo) * torch.rand(n, 1, generator=gen)
         return x, step(tau, x)[0] + NOISE * torch.randn(n, 1, generator=gen)
-
-    def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
-        grid = self.probe()
-        if index < cfg.num_clients:
-            tau = self._tasks(cfg.num_clients, cfg.seed)[index : index + 1]
-            x, y = self._examples(tau, 100, cfg.seed * 1000 + index)
-            return LocalData(f"step-{index:04d}", "zoo", tau[0].tolist(), x, y, grid, step(tau, grid)[0])
-        j = index - cfg.num_clients
-        tau = self._tasks(max(cfg.num_new, j + 1), cfg.seed + 9973)[j : j + 1]
-        x, y = self._examples(tau, cfg.shots, cfg.seed * 1000 + 500 + j)
-        return LocalData(f"new-step-{j:04d}", "new", tau[0].tolist(), x, y, grid, step(tau, grid)[0])
-
-    def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
-        with torch.no_grad():
-            return ((self.arch.forward(weights, data.x_eval) - data.y_eval) ** 2).mean(dim=(-1, -2)).sqrt()
 
     def probe(self, seed: int = 0) -> Tensor:
         return torch.linspace(*X_RANGE, 64)[:, None]

@@ -16,8 +16,9 @@ import math
 import torch
 from torch import Tensor
 
+from bump_family import CurveFamily
 from fedfuse.architectures import MLPSpec
-from fedfuse.tasks import DescriptorSpec, DeviceConfig, LocalData, Recipe, Score, TaskFamily
+from fedfuse.tasks import DescriptorSpec
 
 HALF_WIDTH = 2.0  # the square [-2, 2]^2
 NOISE = 0.1
@@ -37,7 +38,7 @@ def grid(points: int) -> Tensor:
     return torch.cartesian_prod(side, side)
 
 
-class WaveFamily(TaskFamily):
+class WaveFamily(CurveFamily):
     """Waves of amplitude 0.5-2, direction 0-pi, wavenumber 0.5-2, phase 0-pi; a [2-40-40-1] tanh
     net per device, 100 noisy examples each."""
 
@@ -45,33 +46,17 @@ class WaveFamily(TaskFamily):
     arch = MLPSpec((2, 40, 40, 1), activation="tanh")
     descriptor = DescriptorSpec(("amplitude", "direction", "wavenumber", "phase"), (0.5, 0.0, 0.5, 0.0),
                                 (2.0, math.pi, 2.0, math.pi))
-    loss = "mse"
-    score = Score("RMSE", higher_is_better=False)
-    recipe = Recipe(train_steps=800, train_lr=1e-2, finetune_steps=300, finetune_lr=1e-2)
-    meta_settings = {"hidden": (64,), "max_rounds": 4, "steps_per_round": 150}
 
-    def _tasks(self, n: int, seed: int) -> Tensor:
-        return self.descriptor.uniform(n, torch.Generator().manual_seed(seed))
+    def function(self, tau: Tensor, x: Tensor) -> Tensor:
+        return wave(tau, x)
 
     def _examples(self, tau: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(seed)
         x = HALF_WIDTH * (2 * torch.rand(n, 2, generator=gen) - 1)
         return x, wave(tau, x)[0] + NOISE * torch.randn(n, 1, generator=gen)
 
-    def simulated_device(self, index: int, cfg: DeviceConfig) -> LocalData:
-        x_eval = grid(20)
-        if index < cfg.num_clients:
-            tau = self._tasks(cfg.num_clients, cfg.seed)[index : index + 1]
-            x, y = self._examples(tau, 100, cfg.seed * 1000 + index)
-            return LocalData(f"wave-{index:04d}", "zoo", tau[0].tolist(), x, y, x_eval, wave(tau, x_eval)[0])
-        j = index - cfg.num_clients
-        tau = self._tasks(max(cfg.num_new, j + 1), cfg.seed + 9973)[j : j + 1]
-        x, y = self._examples(tau, cfg.shots, cfg.seed * 1000 + 500 + j)
-        return LocalData(f"new-wave-{j:04d}", "new", tau[0].tolist(), x, y, x_eval, wave(tau, x_eval)[0])
-
-    def evaluate(self, weights: Tensor, data: LocalData) -> Tensor:
-        with torch.no_grad():
-            return ((self.arch.forward(weights, data.x_eval) - data.y_eval) ** 2).mean(dim=(-1, -2)).sqrt()
+    def eval_inputs(self) -> Tensor:
+        return grid(20)
 
     def probe(self, seed: int = 0) -> Tensor:
         return grid(8)
