@@ -349,6 +349,8 @@ def meta_model(cfg: RunConfig, family: TaskFamily, pmap: ParallelMap | None = No
         settings["max_rounds"] = cfg.fit_rounds
     if cfg.fit_steps:
         settings["steps_per_round"] = cfg.fit_steps
+    if cfg.distill_steps >= 0:
+        settings["distill_steps"] = cfg.distill_steps
     return MetaModel(**settings, seed=cfg.seed, pmap=pmap, progress=progress)
 
 

@@ -33,6 +33,9 @@ class RunConfig:
     fit_rounds: int = 0  # meta-model rounds (0: the family's setting)
     fit_steps: int = 0  # Adam steps per round (0: the family's setting)
     fit_mode: str = "full"  # "incremental": fit new and replaced uploads into the stored fit
+    # the distilled path's training steps (-1: chosen on the zoo, which trains up to 1,000 steps of
+    # up to 32 held-out models: minutes for a CNN zoo; 0: a fit that never serves distilled starts)
+    distill_steps: int = -1
     parallel: str = "auto"  # "auto" (Ray for large zoos), "ray" or "serial"
     # torch threads of the ServerApp (0: torch's default, one per core). The fit's many small ops
     # spin across threads: a 20-model fit took 586 s on 2 threads, 18 s on 1 (loaded 2-core machine)
@@ -51,6 +54,8 @@ class RunConfig:
             raise FedfuseError(f"parallel={self.parallel!r}: use 'auto', 'ray' or 'serial'")
         if self.server_threads < 0:
             raise FedfuseError(f"server-threads={self.server_threads}: use 0 (torch's default) or more")
+        if self.distill_steps < -1:
+            raise FedfuseError(f"distill-steps={self.distill_steps}: use -1 (chosen on the zoo), 0 or more")
         if not 0.0 < self.quorum <= 1.0:
             raise FedfuseError(f"quorum={self.quorum}: use a fraction in (0, 1]")
 

@@ -22,5 +22,8 @@ def test_overrides_types_and_unknown_keys():
     assert RunConfig.from_run_config({"distill": True}).distill is True
     with pytest.raises(FedfuseError, match="must be true or false"):  # bool("false") would be True
         RunConfig.from_run_config({"distill": "false"})
+    assert RunConfig.from_run_config({"distill-steps": 300}).distill_steps == 300 and RunConfig().distill_steps == -1
+    with pytest.raises(FedfuseError, match="distill-steps=-2"):
+        RunConfig(distill_steps=-2)
     with pytest.raises(FedfuseError, match="comma-separated subset"):
         RunConfig(phase="collect,train")
