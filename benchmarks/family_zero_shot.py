@@ -7,7 +7,8 @@ that sees the same uploads) on their own tasks; this scores it on a family no ta
 on. Per seed: a fresh zoo of ``--devices`` simulated devices (each net trained by the family's
 recipe, as `rule_transfer.py` builds it), our meta-model fitted with and without alignment, and
 ``--n-test`` new devices scored by the family's own score at 0 shots: ours (fast and distilled),
-no-align (both), 1-NN, k-NN aligned and the zoo average. Nothing here is a setting.
+no-align (both), 1-NN, k-NN aligned and the zoo average; and the new devices' mean score at each candidate readout ridge beside the
+one the fit chose on its simulated devices. Nothing here is a setting.
 Writes family_zero_shot.json and family_zero_shot.md.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.alignment import apply_perms
+from fedfuse.fitter import READOUT_RIDGES
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import DeviceConfig, TaskFamily, get_family
 from fedfuse_sim import baselines
@@ -47,6 +49,7 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> tup
         seconds[name] = time.perf_counter() - t0
         scores[name] = score(models[name].personalize(tau).mean)
         scores[f"{name}, distilled"] = score(models[name].personalize(tau, distill=True).mean)
+    by_ridge = ridge_scores(models["ours"], tau, score)
     aligned = apply_perms(zoo.spec, zoo.weights, models["ours"].perms_)
     scores["k-NN aligned"] = score(baselines.AlignedNeighbours().fit(zoo.spec, aligned, zoo.tau, probe).predict(tau))
     scores["1-NN"] = score(baselines.nearest_neighbour(zoo.tau, zoo.weights, tau))
@@ -54,7 +57,36 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> tup
     print(f"seed {seed}: fits {seconds['ours']:.0f} s (ours), {seconds['no-align']:.0f} s (no-align)", flush=True)
     fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
                    "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
+    fits["ours"]["new_devices_by_ridge"] = by_ridge
     return scores, fits
+
+
+def ridge_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
+    """The new devices' mean 0-shot score (fast path) at each candidate ridge: whether the ridge
+    the fit chose on its simulated devices is the one these devices would want (a check, not a
+    choice: the model keeps its own)."""
+    chosen, out = model.readout_ridge_, {}
+    try:
+        for ridge in READOUT_RIDGES:
+            model.readout_ridge_ = ridge
+            values = score(model.personalize(tau).mean)
+            out[str(ridge)] = sum(values) / len(values)
+    finally:
+        model.readout_ridge_ = chosen
+    return out
+
+
+def ridge_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
+    """Per seed: the ridge the fit chose and the one its new devices score best at."""
+    best = max if family.score.higher_is_better else min
+    lines = ["", f"The readout's ridge (fast path; new devices' mean {family.score.name} at each candidate):", "",
+             "| seed | chosen | new devices' best | " + " | ".join(str(r) for r in READOUT_RIDGES) + " |",
+             "|---" * (len(READOUT_RIDGES) + 3) + "|"]
+    for seed, f in fits.items():
+        by = f["ours"]["new_devices_by_ridge"]
+        lines.append(f"| {seed} | {f['ours']['readout_ridge']:g} | {float(best(by, key=by.get)):g} | "
+                     + " | ".join(f"{by[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
+    return lines
 
 
 def table(family: TaskFamily, per_seed: dict[int, dict[str, list[float]]]) -> list[str]:
@@ -84,7 +116,7 @@ def main() -> None:
     family = get_family(args.family)
     results = {seed: seed_scores(family, args.devices, args.n_test, seed) for seed in args.seeds}
     per_seed = {seed: scores for seed, (scores, _) in results.items()}
-    lines = table(family, per_seed)
+    lines = table(family, per_seed) + ridge_lines(family, {seed: fits for seed, (_, fits) in results.items()})
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family_zero_shot.md").write_text("\n".join(lines) + "\n")

@@ -30,7 +30,14 @@ def test_every_method_is_scored_on_every_new_device(tmp_path):
     assert all(f["readout_ridge"] in READOUT_RIDGES and len(f["readout_errors"]) == len(READOUT_RIDGES) for f in fits.values())
     # the zoo average ignores the descriptor: the GP beats it on the smoke zoo
     assert sum(scores["ours"]) < sum(scores["zoo average"])
-    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "family_zero_shot.md").read_text().splitlines()[2:]}
+    md = (tmp_path / "family_zero_shot.md").read_text().splitlines()
+    rows = {line.split(" | ")[0][2:]: line for line in md[2 : 2 + len(METHODS)]}
     assert list(rows) == METHODS
+    # the new devices at every candidate ridge; at the chosen one, the fast path's own scores
+    by_ridge = fits["ours"]["new_devices_by_ridge"]
+    assert list(by_ridge) == [str(r) for r in READOUT_RIDGES]
+    assert by_ridge[str(fits["ours"]["readout_ridge"])] == pytest.approx(sum(scores["ours"]) / 6, rel=1e-6)
+    best = min(by_ridge, key=by_ridge.get)
+    assert md[-1].startswith(f"| 0 | {fits['ours']['readout_ridge']:g} | {float(best):g} | ")
     better = sum(o < m for o, m in zip(scores["ours"], scores["1-NN"])) / 6
     assert rows["1-NN"].endswith(f"| {100 * better:.0f} % |")
