@@ -19,8 +19,8 @@ those that leave at most 5 % of them worse (adaptation.py's bound) *and* at most
 family's new devices worse at every shot count (pooled over seeds): the pseudo-devices understate
 the harm real devices meet, and the family's new devices are a validation set no benchmark
 scores. ``--also runs/.../rule_transfer.json ...``: other families' reports of the same path,
-which the choice must pass as well, each family on its own (``RULES`` is validated on the bump
-and the step family of ``simulations/examples/bump_family``; its wave family checks it out of sample).
+which the choice must pass as well, each family on its own (``RULES`` is validated on the bump,
+step and wave families of ``simulations/examples/bump_family``).
 
 Writes rule_transfer.json and rule_transfer.md. The family's new devices validate ``RULES`` (with
 ``--sine``); the sine benchmark's test tasks never enter, and nothing else here is a setting.

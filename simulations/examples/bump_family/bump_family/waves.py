@@ -1,8 +1,8 @@
 """A third user family, unlike the bump and the step: each device fits a noisy plane wave on a
 square, ``y = a sin(k (x1 cos t + x2 sin t) + p)``, with a tanh net of two inputs.
 
-It exists to validate the squared-error device's acceptance rule (``RULES``) on a family whose
-new devices the rule has not been chosen or checked on: two inputs (the probe a coarse 8 x 8 grid
+It exists to validate the squared-error device's acceptance rule (``RULES``, chosen with it since
+2026-12-07) on a family unlike the other two: two inputs (the probe a coarse 8 x 8 grid
 of the square, the new devices scored on a finer 20 x 20 one that the probe does not contain), a
 four-number descriptor, and label noise on the devices' examples and shots
 (``benchmarks/rule_transfer.py --family bump_family.waves:WaveFamily``). Devices are scored
