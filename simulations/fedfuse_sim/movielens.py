@@ -65,6 +65,8 @@ def run_seed(cfg: MovieLensConfig, seed: int, ratings: Ratings, progress: bool
     sp = ml.split(ratings, seed, cfg.n_context, cfg.n_unseen)
     tau = ml.descriptors(ratings, sp, *cfg.tau_dims)
     seen = sp.seen
+    if not 0 <= cfg.zoo_users <= len(seen):
+        raise ValueError(f"zoo_users={cfg.zoo_users}: use 0 (all {len(seen)} seen users) up to {len(seen)}")
     if cfg.zoo_users:
         seen = seen[torch.randperm(len(seen), generator=torch.Generator().manual_seed(seed))[: cfg.zoo_users]].sort().values
     rows, timings, calib, recon, selected = [], {}, {}, {}, {}

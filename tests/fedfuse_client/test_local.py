@@ -11,8 +11,8 @@ from fedfuse_client.local import adapt
 
 
 def _devices(n: int = 12) -> tuple[TaskFamily, list[wire.Initializer], list[LocalData]]:
-    """Sine devices whose readout prior contains their truth's deviation, with noisy shots: the
-    fast and the distilled rules decide some of them differently."""
+    """Sine devices whose readout prior contains their truth's deviation, with noisy shots: two
+    different rules decide some of them differently."""
     family = get_family("sine")
     spec = family.arch
     gen = torch.Generator().manual_seed(0)

@@ -37,7 +37,7 @@ def test_a_family_runs_collect_fit_personalize_through_flower(family, tmp_path):
     model = store.load_meta_model()
     assert model.spec_ == get_family(family).arch and model.annotations_["family"] == family
     given = overrides.get("distill_steps")  # the run config's count is none of those the fit chooses from
-    assert model.distill_steps_ == given if given is not None else model.distill_steps_ in DISTILL_STEPS
+    assert (model.distill_steps_ == given) if given is not None else (model.distill_steps_ in DISTILL_STEPS)
     metrics = store.metrics()
     assert len(metrics) == NUM_NEW
     assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
