@@ -8,7 +8,11 @@ on. Per seed: a fresh zoo of ``--devices`` simulated devices (each net trained b
 recipe, as `rule_transfer.py` builds it), our meta-model fitted with and without alignment, and
 ``--n-test`` new devices scored by the family's own score at 0 shots: ours (fast and distilled),
 no-align (both), 1-NN, k-NN aligned and the zoo average; and the new devices' mean score at each candidate readout ridge beside the
-one the fit chose on its simulated devices. Nothing here is a setting.
+one the fit chose on its simulated devices. With ``--held-out H``, H more zoo devices are trained
+alike but left out of the fit, and scored at every candidate ridge too, against their own task and
+against their uploads on the probe (what a server could compute): whether the fit's simulated
+devices, held out of the two GPs but not of the decoder, want the ridge that devices held out of
+the whole fit want. Nothing here is a setting.
 Writes family_zero_shot.json and family_zero_shot.md.
 """
 
@@ -23,17 +27,22 @@ import torch
 from torch import Tensor
 
 from fedfuse.alignment import apply_perms
-from fedfuse.fitter import READOUT_RIDGES
+from fedfuse.fitter import READOUT_RIDGES, _upload_error
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import DeviceConfig, TaskFamily, get_family
+from fedfuse.zoo import ModelZoo
 from fedfuse_sim import baselines
 from rule_transfer import zoo_of
 
 
-def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> tuple[dict[str, list[float]], dict]:
+def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_out: int = 0
+                ) -> tuple[dict[str, list[float]], dict]:
     """Every method's score per new device of one fresh zoo, and what each fit chose (the
-    readout's ridge and its scores) and how long it took."""
-    zoo = zoo_of(family, devices, seed)
+    readout's ridge and its scores) and how long it took; with ``held_out``, the fits leave the
+    zoo's last ``held_out`` devices out and they are scored at every candidate ridge."""
+    every = zoo_of(family, devices + held_out, seed)
+    fitted = slice(0, devices)
+    zoo = ModelZoo(every.spec, every.weights[fitted], every.tau[fitted], every.ids[fitted], every.n_examples[fitted])
     probe = family.probe(seed)
     cfg = DeviceConfig(num_clients=devices, num_new=n_test, seed=seed, shots=0)
     new = [family.simulated_device(devices + j, cfg) for j in range(n_test)]
@@ -58,13 +67,15 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int) -> tup
     fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
                    "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
     fits["ours"]["new_devices_by_ridge"] = by_ridge
+    if held_out:
+        fits["ours"].update(held_out_scores(family, models["ours"], every, devices, seed))
     return scores, fits
 
 
 def ridge_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
-    """The new devices' mean 0-shot score (fast path) at each candidate ridge: whether the ridge
-    the fit chose on its simulated devices is the one these devices would want (a check, not a
-    choice: the model keeps its own)."""
+    """Devices' mean ``score`` of their 0-shot networks (fast path) at each candidate ridge:
+    whether the ridge the fit chose on its simulated devices is the one these devices would want
+    (a check, not a choice: the model keeps its own)."""
     chosen, out = model.readout_ridge_, {}
     try:
         for ridge in READOUT_RIDGES:
@@ -76,16 +87,38 @@ def ridge_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
     return out
 
 
+def held_out_scores(family: TaskFamily, model: MetaModel, every: ModelZoo, devices: int, seed: int
+                    ) -> dict[str, dict[str, float]]:
+    """The zoo devices left out of the fit (``every``'s after the first ``devices``) at every
+    candidate ridge: their mean score against their own task, and their networks' error against
+    their uploads on the probe (the fitter's ``_upload_error``: what a server holding those
+    uploads could judge by)."""
+    cfg = DeviceConfig(num_clients=len(every), num_new=0, seed=seed, shots=0)
+    data = [family.simulated_device(i, cfg) for i in range(devices, len(every))]
+    tau, probe = every.tau[devices:], model.probe_
+    own = family.arch.forward(every.weights[devices:], probe).double()
+    scores = ridge_scores(model, tau, lambda w: [float(family.evaluate(w[j : j + 1], d)[0]) for j, d in enumerate(data)])
+    uploads = ridge_scores(model, tau, lambda w: [_upload_error(model, family.arch.forward(w, probe).double(), own)])
+    return {"held_out_by_ridge": scores, "held_out_uploads_by_ridge": uploads}
+
+
 def ridge_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
-    """Per seed: the ridge the fit chose and the one its new devices score best at."""
+    """Per seed: the ridge the fit chose and the one its new devices score best at (and, where
+    devices were held out of the fit, the one they score best at, by their task and by their
+    uploads)."""
     best = max if family.score.higher_is_better else min
-    lines = ["", f"The readout's ridge (fast path; new devices' mean {family.score.name} at each candidate):", "",
-             "| seed | chosen | new devices' best | " + " | ".join(str(r) for r in READOUT_RIDGES) + " |",
-             "|---" * (len(READOUT_RIDGES) + 3) + "|"]
+    rows = [("new devices", "new_devices_by_ridge", best)]
+    if "held_out_by_ridge" in next(iter(fits.values()))["ours"]:
+        rows += [("held out of the fit", "held_out_by_ridge", best), ("held out, by uploads", "held_out_uploads_by_ridge", min)]
+    lines = ["", f"The readout's ridge (fast path; devices' mean {family.score.name} at each candidate; by uploads: "
+             "relative error against them on the probe):", "",
+             "| seed | devices | chosen | their best | " + " | ".join(str(r) for r in READOUT_RIDGES) + " |",
+             "|---" * (len(READOUT_RIDGES) + 4) + "|"]
     for seed, f in fits.items():
-        by = f["ours"]["new_devices_by_ridge"]
-        lines.append(f"| {seed} | {f['ours']['readout_ridge']:g} | {float(best(by, key=by.get)):g} | "
-                     + " | ".join(f"{by[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
+        for name, key, pick in rows:
+            by = f["ours"][key]
+            lines.append(f"| {seed} | {name} | {f['ours']['readout_ridge']:g} | {float(pick(by, key=by.get)):g} | "
+                         + " | ".join(f"{by[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
     return lines
 
 
@@ -112,9 +145,13 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=200, help="zoo devices per seed")
     ap.add_argument("--n-test", type=int, default=100, help="new devices per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--held-out", type=int, default=0,
+                    help="zoo devices trained alike but left out of the fit, scored at every ridge")
     args = ap.parse_args()
+    if args.held_out < 0:
+        ap.error("--held-out must be >= 0")
     family = get_family(args.family)
-    results = {seed: seed_scores(family, args.devices, args.n_test, seed) for seed in args.seeds}
+    results = {seed: seed_scores(family, args.devices, args.n_test, seed, args.held_out) for seed in args.seeds}
     per_seed = {seed: scores for seed, (scores, _) in results.items()}
     lines = table(family, per_seed) + ridge_lines(family, {seed: fits for seed, (_, fits) in results.items()})
     print("\n".join(lines))
@@ -122,7 +159,7 @@ def main() -> None:
     (args.out / "family_zero_shot.md").write_text("\n".join(lines) + "\n")
     (args.out / "family_zero_shot.json").write_text(json.dumps(
         {"family": args.family, "score": family.score.name, "higher_is_better": family.score.higher_is_better,
-         "devices": args.devices, "n_test": args.n_test, "scores": per_seed,
+         "devices": args.devices, "n_test": args.n_test, "held_out": args.held_out, "scores": per_seed,
          "fits": {seed: fits for seed, (_, fits) in results.items()}}, indent=1))
 
 

@@ -2,6 +2,7 @@
 device, and the table's 'ours better' share computed from those scores."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ METHODS = ["ours", "ours, distilled", "no-align", "no-align, distilled", "k-NN a
 @pytest.mark.timeout(300)
 def test_every_method_is_scored_on_every_new_device(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--family", "bump_family:BumpFamily", "--devices", "24",
-                          "--n-test", "6", "--seeds", "0", "--out", str(tmp_path)],
+                          "--n-test", "6", "--seeds", "0", "--held-out", "4", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "family_zero_shot.json").read_text())
@@ -37,7 +38,15 @@ def test_every_method_is_scored_on_every_new_device(tmp_path):
     by_ridge = fits["ours"]["new_devices_by_ridge"]
     assert list(by_ridge) == [str(r) for r in READOUT_RIDGES]
     assert by_ridge[str(fits["ours"]["readout_ridge"])] == pytest.approx(sum(scores["ours"]) / 6, rel=1e-6)
-    best = min(by_ridge, key=by_ridge.get)
-    assert md[-1].startswith(f"| 0 | {fits['ours']['readout_ridge']:g} | {float(best):g} | ")
+    chosen = f"{fits['ours']['readout_ridge']:g}"
+    assert md[-3].startswith(f"| 0 | new devices | {chosen} | {float(min(by_ridge, key=by_ridge.get)):g} | ")
+    # the devices held out of the fit, by their task and by their uploads, at every ridge
+    assert report["held_out"] == 4
+    for key, row in (("held_out_by_ridge", md[-2]), ("held_out_uploads_by_ridge", md[-1])):
+        held = fits["ours"][key]
+        assert list(held) == [str(r) for r in READOUT_RIDGES] and all(math.isfinite(v) and v > 0 for v in held.values())
+        assert row.startswith("| 0 | held out") and row.endswith(" | ".join(f"{held[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
+    # relative error against their uploads: each upload's own mean over the probe scores exactly 1
+    assert max(fits["ours"]["held_out_uploads_by_ridge"].values()) < 1
     better = sum(o < m for o, m in zip(scores["ours"], scores["1-NN"])) / 6
     assert rows["1-NN"].endswith(f"| {100 * better:.0f} % |")

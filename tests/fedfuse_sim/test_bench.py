@@ -90,3 +90,12 @@ def test_bad_seeds_are_refused(tmp_path):
     result = CliRunner().invoke(app, ["bench", "sine", "--seeds", "1,x", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "comma-separated integers" in result.output
+
+
+@pytest.mark.parametrize("users", [-1, 801])
+def test_movielens_zoo_size_outside_the_seen_users_is_refused(users):
+    from fedfuse.datasets import load_movielens_100k
+    from fedfuse_sim.movielens import MovieLensConfig, run_seed
+
+    with pytest.raises(ValueError, match=f"zoo_users={users}: use 0 \\(all 800 seen users\\) up to 800"):
+        run_seed(MovieLensConfig(zoo_users=users), 0, load_movielens_100k(), progress=False)
