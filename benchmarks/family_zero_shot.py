@@ -8,8 +8,8 @@ on. Per seed: a fresh zoo of ``--devices`` simulated devices (each net trained b
 recipe, as `rule_transfer.py` builds it), our meta-model fitted with and without alignment, and
 ``--n-test`` new devices scored by the family's own score at 0 shots: ours (fast and distilled),
 no-align (both), 1-NN, k-NN aligned and the zoo average; and the new devices' mean score at each candidate readout ridge beside the
-one the fit chose on its simulated devices. With ``--held-out H``, H more zoo devices are trained
-alike but left out of the fit, and scored at every candidate ridge too, against their own task and
+one the fit chose on its simulated devices, and the same for distillation's step count. With ``--held-out H``, H more zoo devices are trained
+alike but left out of the fit, and scored at every candidate ridge and step count too, against their own task and
 against their uploads on the probe (what a server could compute): whether the fit's simulated
 devices, held out of the two GPs but not of the decoder, want the ridge that devices held out of
 the whole fit want. Nothing here is a setting.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.alignment import apply_perms
-from fedfuse.fitter import READOUT_RIDGES, _upload_error
+from fedfuse.fitter import DISTILL_STEPS, READOUT_RIDGES, _upload_error
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import DeviceConfig, TaskFamily, get_family
 from fedfuse.zoo import ModelZoo
@@ -38,8 +38,9 @@ from rule_transfer import zoo_of
 def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_out: int = 0
                 ) -> tuple[dict[str, list[float]], dict]:
     """Every method's score per new device of one fresh zoo, and what each fit chose (the
-    readout's ridge and its scores) and how long it took; with ``held_out``, the fits leave the
-    zoo's last ``held_out`` devices out and they are scored at every candidate ridge."""
+    readout's ridge, distillation's steps and their scores) and how long it took; with
+    ``held_out``, the fits leave the zoo's last ``held_out`` devices out and they are scored at
+    every candidate ridge and step count."""
     every = zoo_of(family, devices + held_out, seed)
     fitted = slice(0, devices)
     zoo = ModelZoo(every.spec, every.weights[fitted], every.tau[fitted], every.ids[fitted], every.n_examples[fitted])
@@ -67,6 +68,8 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
     fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
                    "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
     fits["ours"]["new_devices_by_ridge"] = by_ridge
+    fits["ours"]["distill_steps"] = models["ours"].distill_steps_
+    fits["ours"]["new_devices_by_steps"] = steps_scores(models["ours"], tau, score)
     if held_out:
         fits["ours"].update(held_out_scores(family, models["ours"], every, devices, seed))
     return scores, fits
@@ -87,38 +90,62 @@ def ridge_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
     return out
 
 
+def steps_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
+    """Devices' mean ``score`` of their distilled 0-shot networks at each candidate step count
+    (a check beside the fit's own choice, as :func:`ridge_scores` is for the ridge)."""
+    chosen, out = model.distill_steps_, {}
+    try:
+        for steps in DISTILL_STEPS:
+            model.distill_steps_ = steps
+            values = score(model.personalize(tau, distill=True).mean)
+            out[str(steps)] = sum(values) / len(values)
+    finally:
+        model.distill_steps_ = chosen
+    return out
+
+
 def held_out_scores(family: TaskFamily, model: MetaModel, every: ModelZoo, devices: int, seed: int
                     ) -> dict[str, dict[str, float]]:
     """The zoo devices left out of the fit (``every``'s after the first ``devices``) at every
-    candidate ridge: their mean score against their own task, and their networks' error against
+    candidate ridge and step count: their mean score against their own task, and their networks' error against
     their uploads on the probe (the fitter's ``_upload_error``: what a server holding those
     uploads could judge by)."""
     cfg = DeviceConfig(num_clients=len(every), num_new=0, seed=seed, shots=0)
     data = [family.simulated_device(i, cfg) for i in range(devices, len(every))]
     tau, probe = every.tau[devices:], model.probe_
     own = family.arch.forward(every.weights[devices:], probe).double()
-    scores = ridge_scores(model, tau, lambda w: [float(family.evaluate(w[j : j + 1], d)[0]) for j, d in enumerate(data)])
-    uploads = ridge_scores(model, tau, lambda w: [_upload_error(model, family.arch.forward(w, probe).double(), own)])
-    return {"held_out_by_ridge": scores, "held_out_uploads_by_ridge": uploads}
+    def task(w: Tensor) -> list[float]:
+        return [float(family.evaluate(w[j : j + 1], d)[0]) for j, d in enumerate(data)]
+
+    def upload(w: Tensor) -> list[float]:
+        return [_upload_error(model, family.arch.forward(w, probe).double(), own)]
+
+    return {"held_out_by_ridge": ridge_scores(model, tau, task), "held_out_uploads_by_ridge": ridge_scores(model, tau, upload),
+            "held_out_by_steps": steps_scores(model, tau, task), "held_out_uploads_by_steps": steps_scores(model, tau, upload)}
 
 
-def ridge_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
-    """Per seed: the ridge the fit chose and the one its new devices score best at (and, where
-    devices were held out of the fit, the one they score best at, by their task and by their
-    uploads)."""
+def choice_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
+    """Per seed and choice (the readout's ridge, distillation's steps): what the fit chose and
+    what its new devices score best at (and, where devices were held out of the fit, what they
+    score best at, by their task and by their uploads)."""
     best = max if family.score.higher_is_better else min
-    rows = [("new devices", "new_devices_by_ridge", best)]
-    if "held_out_by_ridge" in next(iter(fits.values()))["ours"]:
-        rows += [("held out of the fit", "held_out_by_ridge", best), ("held out, by uploads", "held_out_uploads_by_ridge", min)]
-    lines = ["", f"The readout's ridge (fast path; devices' mean {family.score.name} at each candidate; by uploads: "
-             "relative error against them on the probe):", "",
-             "| seed | devices | chosen | their best | " + " | ".join(str(r) for r in READOUT_RIDGES) + " |",
-             "|---" * (len(READOUT_RIDGES) + 4) + "|"]
-    for seed, f in fits.items():
-        for name, key, pick in rows:
-            by = f["ours"][key]
-            lines.append(f"| {seed} | {name} | {f['ours']['readout_ridge']:g} | {float(pick(by, key=by.get)):g} | "
-                         + " | ".join(f"{by[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
+    held = "held_out_by_ridge" in next(iter(fits.values()))["ours"]
+    lines = []
+    for title, chosen, suffix, candidates in (("The readout's ridge (fast path", "readout_ridge", "ridge", READOUT_RIDGES),
+                                              ("Distillation's step count (distilled path", "distill_steps", "steps", DISTILL_STEPS)):
+        rows = [("new devices", f"new_devices_by_{suffix}", best)]
+        if held:
+            rows += [("held out of the fit", f"held_out_by_{suffix}", best),
+                     ("held out, by uploads", f"held_out_uploads_by_{suffix}", min)]
+        lines += ["", f"{title}; devices' mean {family.score.name} at each candidate; by uploads: relative error "
+                  "against them on the probe):", "",
+                  "| seed | devices | chosen | their best | " + " | ".join(str(c) for c in candidates) + " |",
+                  "|---" * (len(candidates) + 4) + "|"]
+        for seed, f in fits.items():
+            for name, key, pick in rows:
+                by = f["ours"][key]
+                lines.append(f"| {seed} | {name} | {f['ours'][chosen]:g} | {float(pick(by, key=by.get)):g} | "
+                             + " | ".join(f"{by[str(c)]:.4f}" for c in candidates) + " |")
     return lines
 
 
@@ -153,7 +180,7 @@ def main() -> None:
     family = get_family(args.family)
     results = {seed: seed_scores(family, args.devices, args.n_test, seed, args.held_out) for seed in args.seeds}
     per_seed = {seed: scores for seed, (scores, _) in results.items()}
-    lines = table(family, per_seed) + ridge_lines(family, {seed: fits for seed, (_, fits) in results.items()})
+    lines = table(family, per_seed) + choice_lines(family, {seed: fits for seed, (_, fits) in results.items()})
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family_zero_shot.md").write_text("\n".join(lines) + "\n")

@@ -34,19 +34,24 @@ def test_every_method_is_scored_on_every_new_device(tmp_path):
     md = (tmp_path / "family_zero_shot.md").read_text().splitlines()
     rows = {line.split(" | ")[0][2:]: line for line in md[2 : 2 + len(METHODS)]}
     assert list(rows) == METHODS
-    # the new devices at every candidate ridge; at the chosen one, the fast path's own scores
-    by_ridge = fits["ours"]["new_devices_by_ridge"]
-    assert list(by_ridge) == [str(r) for r in READOUT_RIDGES]
-    assert by_ridge[str(fits["ours"]["readout_ridge"])] == pytest.approx(sum(scores["ours"]) / 6, rel=1e-6)
-    chosen = f"{fits['ours']['readout_ridge']:g}"
-    assert md[-3].startswith(f"| 0 | new devices | {chosen} | {float(min(by_ridge, key=by_ridge.get)):g} | ")
-    # the devices held out of the fit, by their task and by their uploads, at every ridge
+    # the new devices at every candidate ridge and step count; at the chosen ones, the fast and
+    # distilled paths' own scores
+    from fedfuse.fitter import DISTILL_STEPS
     assert report["held_out"] == 4
-    for key, row in (("held_out_by_ridge", md[-2]), ("held_out_uploads_by_ridge", md[-1])):
-        held = fits["ours"][key]
-        assert list(held) == [str(r) for r in READOUT_RIDGES] and all(math.isfinite(v) and v > 0 for v in held.values())
-        assert row.startswith("| 0 | held out") and row.endswith(" | ".join(f"{held[str(r)]:.4f}" for r in READOUT_RIDGES) + " |")
-    # relative error against their uploads: each upload's own mean over the probe scores exactly 1
-    assert max(fits["ours"]["held_out_uploads_by_ridge"].values()) < 1
+    for suffix, chosen, candidates, method in (("ridge", "readout_ridge", READOUT_RIDGES, "ours"),
+                                               ("steps", "distill_steps", DISTILL_STEPS, "ours, distilled")):
+        by = fits["ours"][f"new_devices_by_{suffix}"]
+        assert list(by) == [str(c) for c in candidates]
+        assert by[str(fits["ours"][chosen])] == pytest.approx(sum(scores[method]) / 6, rel=1e-6)
+        first = md.index(next(line for line in md if line.startswith("| seed | devices |") and str(candidates[1]) in line))
+        new_row, task_row, upload_row = md[first + 2 : first + 5]
+        assert new_row.startswith(f"| 0 | new devices | {fits['ours'][chosen]:g} | {float(min(by, key=by.get)):g} | ")
+        # the devices held out of the fit, by their task and by their uploads, at every candidate
+        for key, row in ((f"held_out_by_{suffix}", task_row), (f"held_out_uploads_by_{suffix}", upload_row)):
+            held = fits["ours"][key]
+            assert list(held) == [str(c) for c in candidates] and all(math.isfinite(v) and v > 0 for v in held.values())
+            assert row.startswith("| 0 | held out") and row.endswith(" | ".join(f"{held[str(c)]:.4f}" for c in candidates) + " |")
+        # relative error against their uploads: each upload's own mean over the probe scores exactly 1
+        assert max(fits["ours"][f"held_out_uploads_by_{suffix}"].values()) < 1
     better = sum(o < m for o, m in zip(scores["ours"], scores["1-NN"])) / 6
     assert rows["1-NN"].endswith(f"| {100 * better:.0f} % |")
