@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,8 +43,7 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
     ``held_out``, the fits leave the zoo's last ``held_out`` devices out and they are scored at
     every candidate ridge and step count."""
     every = zoo_of(family, devices + held_out, seed)
-    fitted = slice(0, devices)
-    zoo = ModelZoo(every.spec, every.weights[fitted], every.tau[fitted], every.ids[fitted], every.n_examples[fitted])
+    zoo = every.subset(range(devices))
     probe = family.probe(seed)
     cfg = DeviceConfig(num_clients=devices, num_new=n_test, seed=seed, shots=0)
     new = [family.simulated_device(devices + j, cfg) for j in range(n_test)]
@@ -59,7 +59,6 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
         seconds[name] = time.perf_counter() - t0
         scores[name] = score(models[name].personalize(tau).mean)
         scores[f"{name}, distilled"] = score(models[name].personalize(tau, distill=True).mean)
-    by_ridge = ridge_scores(models["ours"], tau, score)
     aligned = apply_perms(zoo.spec, zoo.weights, models["ours"].perms_)
     scores["k-NN aligned"] = score(baselines.AlignedNeighbours().fit(zoo.spec, aligned, zoo.tau, probe).predict(tau))
     scores["1-NN"] = score(baselines.nearest_neighbour(zoo.tau, zoo.weights, tau))
@@ -67,40 +66,35 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
     print(f"seed {seed}: fits {seconds['ours']:.0f} s (ours), {seconds['no-align']:.0f} s (no-align)", flush=True)
     fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
                    "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
-    fits["ours"]["new_devices_by_ridge"] = by_ridge
     fits["ours"]["distill_steps"] = models["ours"].distill_steps_
-    fits["ours"]["new_devices_by_steps"] = steps_scores(models["ours"], tau, score)
+    for suffix in CHOICES:
+        fits["ours"][f"new_devices_by_{suffix}"] = candidate_scores(models["ours"], suffix, tau, {"new": score})["new"]
     if held_out:
         fits["ours"].update(held_out_scores(family, models["ours"], every, devices, seed))
     return scores, fits
 
 
-def ridge_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
-    """Devices' mean ``score`` of their 0-shot networks (fast path) at each candidate ridge:
-    whether the ridge the fit chose on its simulated devices is the one these devices would want
-    (a check, not a choice: the model keeps its own)."""
-    chosen, out = model.readout_ridge_, {}
-    try:
-        for ridge in READOUT_RIDGES:
-            model.readout_ridge_ = ridge
-            values = score(model.personalize(tau).mean)
-            out[str(ridge)] = sum(values) / len(values)
-    finally:
-        model.readout_ridge_ = chosen
-    return out
+# each choice the fit makes: the fitted attribute, its candidates, and whether it acts on the distilled path
+CHOICES = {"ridge": ("readout_ridge_", READOUT_RIDGES, False), "steps": ("distill_steps_", DISTILL_STEPS, True)}
 
 
-def steps_scores(model: MetaModel, tau: Tensor, score) -> dict[str, float]:
-    """Devices' mean ``score`` of their distilled 0-shot networks at each candidate step count
-    (a check beside the fit's own choice, as :func:`ridge_scores` is for the ridge)."""
-    chosen, out = model.distill_steps_, {}
+def candidate_scores(model: MetaModel, choice: str, tau: Tensor,
+                     scorers: dict[str, Callable[[Tensor], list[float]]]) -> dict[str, dict[str, float]]:
+    """Devices' mean score under each of ``scorers`` of their 0-shot networks at each candidate of
+    ``choice`` (a key of ``CHOICES``), one initializer per candidate: whether what the fit chose
+    on its simulated devices is what these devices would want (a check, not a choice: the model
+    keeps its own)."""
+    attr, candidates, distill = CHOICES[choice]
+    chosen, out = getattr(model, attr), {name: {} for name in scorers}
     try:
-        for steps in DISTILL_STEPS:
-            model.distill_steps_ = steps
-            values = score(model.personalize(tau, distill=True).mean)
-            out[str(steps)] = sum(values) / len(values)
+        for candidate in candidates:
+            setattr(model, attr, candidate)
+            weights = model.personalize(tau, distill=distill).mean
+            for name, score in scorers.items():
+                values = score(weights)
+                out[name][str(candidate)] = sum(values) / len(values)
     finally:
-        model.distill_steps_ = chosen
+        setattr(model, attr, chosen)
     return out
 
 
@@ -114,14 +108,15 @@ def held_out_scores(family: TaskFamily, model: MetaModel, every: ModelZoo, devic
     data = [family.simulated_device(i, cfg) for i in range(devices, len(every))]
     tau, probe = every.tau[devices:], model.probe_
     own = family.arch.forward(every.weights[devices:], probe).double()
+
     def task(w: Tensor) -> list[float]:
         return [float(family.evaluate(w[j : j + 1], d)[0]) for j, d in enumerate(data)]
 
     def upload(w: Tensor) -> list[float]:
         return [_upload_error(model, family.arch.forward(w, probe).double(), own)]
 
-    return {"held_out_by_ridge": ridge_scores(model, tau, task), "held_out_uploads_by_ridge": ridge_scores(model, tau, upload),
-            "held_out_by_steps": steps_scores(model, tau, task), "held_out_uploads_by_steps": steps_scores(model, tau, upload)}
+    return {f"{name}_by_{choice}": by for choice in CHOICES
+            for name, by in candidate_scores(model, choice, tau, {"held_out": task, "held_out_uploads": upload}).items()}
 
 
 def choice_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
@@ -173,7 +168,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=100, help="new devices per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--held-out", type=int, default=0,
-                    help="zoo devices trained alike but left out of the fit, scored at every ridge")
+                    help="zoo devices trained alike but left out of the fit, scored at every ridge and step count")
     args = ap.parse_args()
     if args.held_out < 0:
         ap.error("--held-out must be >= 0")
