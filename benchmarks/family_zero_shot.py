@@ -13,7 +13,8 @@ alike but left out of the fit, and scored at every candidate ridge and step coun
 against their uploads on the probe (what a server could compute): whether the fit's simulated
 devices, held out of the two GPs but not of the decoder, want the ridge that devices held out of
 the whole fit want. Nothing here is a setting.
-Writes family_zero_shot.json and family_zero_shot.md.
+Writes family_zero_shot.json, family_zero_shot.md and choices.png (each choice's candidates as
+the fit's simulated devices and the devices it serves score them, the fit's choice ringed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fedfuse.fitter import DISTILL_STEPS, READOUT_RIDGES, _upload_error
 from fedfuse.meta_model import MetaModel
 from fedfuse.tasks import DeviceConfig, TaskFamily, get_family
 from fedfuse.zoo import ModelZoo
-from fedfuse_sim import baselines
+from fedfuse_sim import baselines, plots
 from rule_transfer import zoo_of
 
 
@@ -67,6 +68,7 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
     fits = {name: {"seconds": seconds[name], "readout_ridge": m.readout_ridge_,
                    "readout_errors": {str(r): e for r, e in m.readout_errors_.items()}} for name, m in models.items()}
     fits["ours"]["distill_steps"] = models["ours"].distill_steps_
+    fits["ours"]["distill_errors"] = {str(k): e for k, e in models["ours"].distill_errors_.items()}
     for suffix in CHOICES:
         fits["ours"][f"new_devices_by_{suffix}"] = candidate_scores(models["ours"], suffix, tau, {"new": score})["new"]
     if held_out:
@@ -76,6 +78,9 @@ def seed_scores(family: TaskFamily, devices: int, n_test: int, seed: int, held_o
 
 # each choice the fit makes: the fitted attribute, its candidates, and whether it acts on the distilled path
 CHOICES = {"ridge": ("readout_ridge_", READOUT_RIDGES, False), "steps": ("distill_steps_", DISTILL_STEPS, True)}
+# per choice: its name in the report's fits (chosen value, the simulated devices' errors) and in a figure
+REPORTED = {"ridge": ("readout_ridge", "readout_errors", "the readout's ridge"),
+            "steps": ("distill_steps", "distill_errors", "distillation's step count")}
 
 
 def candidate_scores(model: MetaModel, choice: str, tau: Tensor,
@@ -144,6 +149,19 @@ def choice_lines(family: TaskFamily, fits: dict[int, dict]) -> list[str]:
     return lines
 
 
+def draw_choices(path: Path, fits: dict[int, dict], higher_is_better: bool) -> None:
+    """The report's choices as a figure: per choice, the fit's simulated devices' errors and
+    the new (and held-out) devices' scores at every candidate, each from its own best."""
+    curves, chosen = {}, {}
+    for suffix, (chosen_key, errors_key, title) in REPORTED.items():
+        keys = {"the fit's simulated devices": errors_key, "new devices": f"new_devices_by_{suffix}",
+                "held out of the fit": f"held_out_by_{suffix}", "held out, by uploads": f"held_out_uploads_by_{suffix}"}
+        curves[title] = {seed: {group: f["ours"][key] for group, key in keys.items() if key in f["ours"]}
+                         for seed, f in fits.items()}
+        chosen[title] = {seed: str(f["ours"][chosen_key]) for seed, f in fits.items()}
+    plots.choices_figure(path, curves, chosen, higher_is_better)
+
+
 def table(family: TaskFamily, per_seed: dict[int, dict[str, list[float]]]) -> list[str]:
     """Mean per seed and over seeds; 'ours better' is the share of new devices (all seeds) on
     which ours (fast) beats the method."""
@@ -179,6 +197,8 @@ def main() -> None:
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family_zero_shot.md").write_text("\n".join(lines) + "\n")
+    draw_choices(args.out / "choices.png", {seed: fits for seed, (_, fits) in results.items()},
+                 family.score.higher_is_better)
     (args.out / "family_zero_shot.json").write_text(json.dumps(
         {"family": args.family, "score": family.score.name, "higher_is_better": family.score.higher_is_better,
          "devices": args.devices, "n_test": args.n_test, "held_out": args.held_out, "scores": per_seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -142,5 +143,48 @@ def uncertainty_figure(path: Path, panels: dict[str, tuple[Tensor, Tensor, float
                xlim=(0.4, 1.0), ylim=(0.4, 1.0))
         ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+
+# the groups a choices figure draws: line style, and whether their values are errors against uploads
+# (lower is better) rather than the family's own score
+CHOICE_GROUPS = {"the fit's simulated devices": (":", True), "new devices": ("-", False),
+                 "held out of the fit": ("--", False), "held out, by uploads": ("-.", True)}
+
+
+def gaps_from_best(values: list[float], higher_is_better: bool) -> list[float]:
+    """Each value's distance from the best of them, in percent of the best; NaN where a value
+    is not finite (a candidate that could not be scored)."""
+    finite = [v for v in values if math.isfinite(v)]
+    best = max(finite) if higher_is_better else min(finite)
+    return [100 * abs(v - best) / abs(best) if math.isfinite(v) else math.nan for v in values]
+
+
+def choices_figure(path: Path, curves: dict[str, dict[int, dict[str, dict[str, float]]]],
+                   chosen: dict[str, dict[int, str]], higher_is_better: bool) -> None:
+    """One panel per choice the fit makes (``curves[choice][seed][group][candidate]``: a mean
+    value per candidate for each group of :data:`CHOICE_GROUPS`), every curve drawn as how far it
+    is from its own best (percent, 0 at the best), one colour per seed, the fit's choice ringed on
+    the new devices' curve: where the fit's simulated devices' curve bottoms out beside where the
+    devices it serves want it."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
+    for ax, (choice, by_seed) in zip(axes[0], curves.items()):
+        labels = list(next(iter(next(iter(by_seed.values())).values())))
+        for s_idx, (seed, groups) in enumerate(by_seed.items()):
+            for group, by in groups.items():
+                style, is_error = CHOICE_GROUPS[group]
+                gap = gaps_from_best([by[c] for c in labels], higher_is_better and not is_error)
+                ax.plot(range(len(labels)), gap, ls=style, marker=".", color=f"C{s_idx}", label=f"seed {seed}, {group}")
+                if group == "new devices":
+                    at = labels.index(chosen[choice][seed])
+                    ax.scatter([at], [gap[at]], s=90, facecolors="none", edgecolors=f"C{s_idx}", zorder=5)
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set(title=f"{choice} (rings: the fit's choice)", xlabel="candidate", ylabel="% from the group's best",
+               yscale="symlog", ylim=(0, None))
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.25, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -53,5 +53,8 @@ def test_every_method_is_scored_on_every_new_device(tmp_path):
             assert row.startswith("| 0 | held out") and row.endswith(" | ".join(f"{held[str(c)]:.4f}" for c in candidates) + " |")
         # relative error against their uploads: each upload's own mean over the probe scores exactly 1
         assert max(fits["ours"][f"held_out_uploads_by_{suffix}"].values()) < 1
+    # the choices as a figure, from the simulated devices' errors the fit chose by
+    assert list(fits["ours"]["distill_errors"]) == [str(c) for c in DISTILL_STEPS]
+    assert (tmp_path / "choices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     better = sum(o < m for o, m in zip(scores["ours"], scores["1-NN"])) / 6
     assert rows["1-NN"].endswith(f"| {100 * better:.0f} % |")
