@@ -13,7 +13,7 @@ per seed, on the same test tasks and shots as the bench:
   ``t`` standard errors (Student's margin for its shot count), takes a share (``shrink``) of it,
   and considers the cross-validation's best strength only or any strength that clears the
   margin, judged by 5-fold or leave-one-out cross-validation on the held-out shots' squared or
-  absolute errors (224 rules, ``fedfuse.adaptation.Acceptance``;
+  absolute errors, or a smaller margin where the initializer misses the device's own shots (416 rules, ``fedfuse.adaptation.Acceptance``;
   the device's default is ``fedfuse.adaptation.RULES`` of the path). Every rule of the grid is
   scored on the test tasks and on *pseudo-devices* the server can build from the zoo alone:
   each upload's function and readout prior predicted from the others (leave-one-out; the hidden
@@ -58,7 +58,10 @@ SHOTS = (10, 20, 30, 40)
 # the acceptance rules: margins in half standard errors, shares of the update, either selection of
 # strength, 5-fold or leave-one-out, held-out shots judged by squared or absolute error
 GRID = tuple(Acceptance(t, a, any_s, folds, absolute) for absolute in (False, True) for folds in (5, None)
-             for any_s in (False, True) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0) for a in (1.0, 0.7, 0.5, 0.35))
+             for any_s in (False, True) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0) for a in (1.0, 0.7, 0.5, 0.35)) + tuple(
+    # the margin by how far the initializer misses the device's own shots: a larger one where it fits them
+    Acceptance(t, 1.0, any_s, folds, True, cut, far) for folds in (5, None) for any_s in (False, True)
+    for t in (2.0, 2.5, 3.0) for cut in (0.01, 0.015, 0.02, 0.03) for far in (0.5, 1.0, 1.5, 2.0))
 HARM_BOUND = 0.05  # the share of pseudo-devices an update may leave worse than their initializer
 FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
 BINS = 8
@@ -100,7 +103,8 @@ def edges(model: MetaModel, test: sine.SineTasks, post: WeightPosterior) -> dict
 def rule_name(rule: Acceptance) -> str:
     return (f"t {rule.threshold:g}, shrink {rule.shrink:g}, " + ("any strength" if rule.any_strength else "best strength")
             + (", leave-one-out" if rule.folds is None else f", {rule.folds}-fold")
-            + (", absolute error" if rule.absolute else ""))
+            + (", absolute error" if rule.absolute else "")
+            + ("" if rule.misfit_cut is None else f", t {rule.misfit_threshold:g} from misfit {rule.misfit_cut:g}"))
 
 
 @dataclass

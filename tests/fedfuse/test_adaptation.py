@@ -1,9 +1,10 @@
+import pytest
 import torch
 from scipy import stats
 from torch import Tensor
 
 from fedfuse.adaptation import (RULES, Acceptance, CrossValidation, _gaussian_solve, _map_readout, _posterior_readout,
-                                _shot_covariance, condition_readout, cross_validate)
+                                _shot_covariance, condition_readout, cross_validate, shot_misfit)
 from fedfuse.architectures import MLPSpec
 from fedfuse.posterior import ReadoutGaussian
 from fedfuse.readout import get_readout, set_readout
@@ -117,6 +118,22 @@ def test_few_held_out_shots_need_a_larger_margin():
     assert not torch.equal(few.conditioned(Acceptance(1.0)), few.mean)
     many = _judged([-1.0, -0.2, -0.6] * 4)
     assert not torch.equal(many.conditioned(Acceptance(2.0)), many.mean)
+
+
+def test_a_device_whose_initializer_misses_its_shots_judges_updates_at_the_misfit_threshold():
+    """The misfit is the RMS error over the shots' range; at or past ``misfit_cut`` the margin is
+    ``misfit_threshold``'s. Three held-out shots that clear one standard error but not two: an
+    initializer that misses its shots takes the update under a misfit threshold of 1, one that
+    fits them (a cut it does not reach) keeps the initializer."""
+    pred, y = torch.tensor([[[0.1], [2.1]], [[1.0], [1.0]]]), torch.tensor([[[0.0], [2.0]], [[0.0], [2.0]]])
+    assert torch.allclose(shot_misfit(pred, y), torch.tensor([0.05, 0.5]))
+    rule = Acceptance(2.0, misfit_cut=0.05, misfit_threshold=1.0)
+    assert rule.margins(10, torch.tensor([0.049, 0.05, 0.2])).tolist() == pytest.approx(
+        [Acceptance(2.0).margin(10), Acceptance(1.0).margin(10), Acceptance(1.0).margin(10)], rel=1e-6)
+    assert Acceptance(2.0).margins(10, torch.tensor([0.0, 9.0])).tolist() == pytest.approx([Acceptance(2.0).margin(10)] * 2)
+    few = _judged([-1.0, -0.2, -0.6])  # its initializer errs by 1 on shots that are all 0: it misses them
+    assert not torch.equal(few.conditioned(rule), few.mean)
+    assert torch.equal(few.conditioned(Acceptance(2.0, misfit_cut=float("inf"), misfit_threshold=1.0)), few.mean)
 
 
 def test_absolute_errors_see_an_update_that_one_large_squared_error_hides():
