@@ -57,7 +57,7 @@ def test_the_rule_transfer_report_scores_every_rule_on_a_fresh_zoo_of_another_fa
     assert report["validated_on"] == {"bump_family:BumpFamily": [3], "other": [0]}
     assert rule_transfer.validated_choice(sine, rows) is not None  # the bump zoo alone passes a rule
     assert report["validated_choice"] is None  # which the other family refuses
-    assert report["default"] == "t 2.5, shrink 1, any strength, leave-one-out, absolute error"  # RULES["mse", False]
+    assert report["default"] == "t 3, shrink 1, any strength, 5-fold, absolute error, t 2 from misfit 0.01"  # RULES["mse", False]
     assert f"Default (`RULES`): **{report['default']}**" in (tmp_path / "rule_transfer.md").read_text()
 
 
