@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from scipy.special import ndtr, stdtrit
@@ -202,6 +203,12 @@ class CrossValidation:
     alpha: Tensor | None  # (S, q, k * out): A^-1 r with every shot, per strength (squared error)
     max_iter: int
 
+    @cached_property
+    def misfit(self) -> Tensor:
+        """``(q,)``: how far the initializer misses the shots (:func:`shot_misfit`; 0 for classes),
+        once for every rule judged on this cross-validation."""
+        return shot_misfit(self.zero, self.y) if self.loss == "mse" else torch.zeros(self.zero.shape[0])
+
     def conditioned(self, rule: Acceptance) -> Tensor:
         """The device's weights ``(q, d)`` under ``rule``."""
         q, k = self.zero.shape[:2]
@@ -211,8 +218,7 @@ class CrossValidation:
         errors = _shot_error(shrunk.flatten(0, 1), ys, self.loss, rule.absolute)
         losses, errors = losses.reshape(-1, q, k).sum(-1), errors.reshape(-1, q, k)
         gain = errors - _shot_error(self.zero, self.y, self.loss, rule.absolute)  # (S, q, k) against the initializer's
-        misfit = shot_misfit(self.zero, self.y) if self.loss == "mse" else torch.zeros(q)
-        clears = gain.mean(-1) + rule.margins(k, misfit) * gain.std(-1) / k**0.5 < 0  # (S, q)
+        clears = gain.mean(-1) + rule.margins(k, self.misfit) * gain.std(-1) / k**0.5 < 0  # (S, q)
         if rule.any_strength:
             pick = losses.masked_fill(~clears, float("inf")).argmin(0)
             accept = clears.any(0)

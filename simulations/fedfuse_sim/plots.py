@@ -147,7 +147,6 @@ def uncertainty_figure(path: Path, panels: dict[str, tuple[Tensor, Tensor, float
     plt.close(fig)
 
 
-
 # the groups a choices figure draws: line style, and whether their values are errors against uploads
 # (lower is better) rather than the family's own score
 CHOICE_GROUPS = {"the fit's simulated devices": (":", True), "new devices": ("-", False),
