@@ -97,13 +97,12 @@ def shot_misfit(pred: Tensor, y: Tensor) -> Tensor:
 # initializer at every shot count of 10-40 on every zoo, and at most 5 % of the new devices of each of three
 # validation families (pseudo-devices understate the harm real devices meet): the bump, noisy step and
 # noisy two-input wave examples, 6 fresh zoos each, per path (benchmarks/adaptation.py [--distill],
-# benchmarks/rule_transfer.py --sine --also). The fast path (2026-12-08): absolute error, any strength that
-# clears 3 standard errors, 5-fold, or 2 where the initializer misses the shots by 1 % or more. The distilled
-# path keeps the pick of 2026-12-07, before the misfit rules (the full update at any strength that clears 2.5
-# standard errors, leave-one-out): their validation there is not done. "ce": one standard error, Student's
-# too (MNIST: 0-6 % of tasks worse at 10 shots, 0-2 % distilled)
+# benchmarks/rule_transfer.py --sine --also). Both paths (2026-12-08): absolute error, any strength that
+# clears 3 (fast) or 2.5 (distilled) standard errors, 5-fold, or 2 where the initializer misses the shots by
+# 1 % or more. "ce": one standard error, Student's too (MNIST: 0-6 % of tasks worse at 10 shots, 0-2 %
+# distilled)
 RULES = {("mse", False): Acceptance(3.0, any_strength=True, folds=5, absolute=True, misfit_cut=0.01, misfit_threshold=2.0),
-         ("mse", True): Acceptance(2.5, any_strength=True, folds=None, absolute=True),
+         ("mse", True): Acceptance(2.5, any_strength=True, folds=5, absolute=True, misfit_cut=0.01, misfit_threshold=2.0),
          ("ce", False): Acceptance(1.0), ("ce", True): Acceptance(1.0)}
 
 
