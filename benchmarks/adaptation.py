@@ -27,6 +27,9 @@ per seed, on the same test tasks and shots as the bench:
   fixed strengths ``c``; and, as an upper bound no server can reach, the test tasks' own
   residual covariance.
 
+* **gate cost**: on the test tasks, the update taken on every device, taken only where it helps
+  (an oracle), and the device's rule: how much of the update's gain the rule's margin gives up.
+
 ``--distill``: all of it for the slower path, ``personalize(distill=True)``, the pseudo-devices'
 hidden layers distilled towards their leave-one-out predicted functions as a new device's are.
 
@@ -62,6 +65,7 @@ GRID = tuple(Acceptance(t, a, any_s, folds, absolute) for absolute in (False, Tr
     # the margin by how far the initializer misses the device's own shots: a larger one where it fits them
     Acceptance(t, 1.0, any_s, folds, True, cut, far) for folds in (5, None) for any_s in (False, True)
     for t in (2.0, 2.5, 3.0) for cut in (0.01, 0.015, 0.02, 0.03) for far in (0.5, 1.0, 1.5, 2.0))
+TAKE_ALL = Acceptance(-1e9, folds=5)  # no gate: the cross-validation's best strength, always taken
 HARM_BOUND = 0.05  # the share of pseudo-devices an update may leave worse than their initializer
 FIXED_C = (0.1, 1.0)  # strengths of the exact conditioning
 BINS = 8
@@ -187,6 +191,24 @@ def acceptance(model: MetaModel, test: sine.SineTasks, post: WeightPosterior, se
     return rows
 
 
+def gate_cost(test: sine.SineTasks, post: WeightPosterior, seed: int) -> list[dict[str, Any]]:
+    """What the device's gate costs on the test tasks (scored only): the update at the 5-fold
+    cross-validation's best strength taken on every device, taken only where it helps (an oracle:
+    no device knows its test error), and the device's own rule."""
+    spec, rule = sine.SPEC, RULES["mse", post.distilled]
+    e0 = sine.nrmse(spec, post.mean, test)
+    rows = []
+    for k in SHOTS:
+        x = shot_inputs(len(test), k, seed)
+        cv = lambda folds: cross_validate(spec, post.mean, post.readout, x, test(x), folds=folds)  # noqa: E731
+        every = sine.nrmse(spec, cv(TAKE_ALL.folds).conditioned(TAKE_ALL), test)
+        device = sine.nrmse(spec, cv(rule.folds).conditioned(rule), test)
+        rows.append({"seed": seed, "shots": k, "every_nrmse": float(every.mean()),
+                     "every_worse": float((every > e0).float().mean()), "oracle_nrmse": float(torch.minimum(every, e0).mean()),
+                     "device_nrmse": float(device.mean()), "device_worse": float((device > e0).float().mean())})
+    return rows
+
+
 def zoo_choice(rows: list[dict[str, Any]]) -> str | None:
     """The rule the zoo alone picks: the lowest mean pseudo-device error ratio among the rules
     that leave at most :data:`HARM_BOUND` of the pseudo-devices worse at every shot count and seed."""
@@ -276,7 +298,7 @@ def main() -> None:
     summary = args.bench / "summary.json"
     n_test = args.n_test or (json.loads(summary.read_text())["config"]["n_test"] if summary.exists() else 100)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"edges": {}, "acceptance": [], "covariance": {}, "covariance_rows": []}
+    report: dict[str, Any] = {"edges": {}, "acceptance": [], "covariance": {}, "covariance_rows": [], "gate_cost": []}
     device_rules: dict[str, None] = {}  # the devices' rules, in seed order
     for path in paths:
         seed = int(re.search(r"seed(\d+)", path.name).group(1))
@@ -288,6 +310,7 @@ def main() -> None:
         report["covariance"][seed] = {"choice": cov["choice"]}
         report["covariance_rows"] += cov["rows"]
         report["acceptance"] += acceptance(model, test, post, seed, args.distill)
+        report["gate_cost"] += gate_cost(test, post, seed)
         device_rules[rule_name(RULES["mse", post.distilled])] = None  # a zoo that chose 0 steps answers fast
         print(f"seed {seed} done: the fit's covariance: {cov['choice']}", flush=True)
     report["zoo_choice"] = zoo_choice(report["acceptance"])
@@ -308,6 +331,11 @@ def main() -> None:
               "| rule | zoo max worse | zoo error / 0-shot, 10/20/30/40 shots | test nRMSE, 10/20/30/40 | "
               "test share worse, 10/20/30/40 |", "|---|---|---|---|---|"]
     lines += rule_table(report["acceptance"])
+    lines += ["", "## What the gate costs (test tasks, scored only; seed means)", "",
+              "The update at the 5-fold cross-validation's best strength taken on every device, taken only "
+              "where it helps (an oracle), and the device's rule.", "",
+              "| shots | every update | share worse | oracle | device's rule | share worse |", "|---|---|---|---|---|---|"]
+    lines += _table(report["gate_cost"], ("shots",), ("every_nrmse", "every_worse", "oracle_nrmse", "device_nrmse", "device_worse"))
     choices = ", ".join(f"seed {s}: {c['choice']}" for s, c in report["covariance"].items())
     lines += ["", f"## Residual covariance at fixed strength c, exact conditioning (seed means; the fit's: {choices})", "",
               "| shots | covariance | c | test nRMSE | test share worse |", "|---|---|---|---|---|"]

@@ -52,6 +52,14 @@ def test_the_adaptation_report_runs_on_saved_fits(tmp_path):
     assert 0 < edges["readout floor nRMSE"] <= edges["0-shot nRMSE"]  # the best readout on the same features
     assert len(report["covariance_rows"]) == 4 * 3 * 2
     assert f"The zoo's choice: **{report['zoo_choice']}**" in (tmp_path / "out" / "adaptation.md").read_text()
+    gate = report["gate_cost"]  # the oracle takes the update only where it helps: below both ways
+    assert [r["shots"] for r in gate] == [10, 20, 30, 40]
+    device = report_module.rule_name(report_module.RULES["mse", False])
+    for r in gate:
+        assert r["oracle_nrmse"] <= min(r["every_nrmse"], edges["0-shot nRMSE"]) + 1e-6
+        assert 0 <= r["every_worse"] <= 1 and 0 <= r["device_worse"] <= 1
+        same = next(a for a in rows if a["shots"] == r["shots"] and a["rule"] == device)  # the grid's row of the rule
+        assert r["device_nrmse"] == pytest.approx(same["test_nrmse"]) and r["device_worse"] == pytest.approx(same["test_worse"])
     # the distilled path: the same report on the distilled initializers and pseudo-devices
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--bench", str(tmp_path),
                           "--out", str(tmp_path / "distilled"), "--n-test", "10", "--distill"],
